@@ -1,0 +1,47 @@
+# hydragpt: `make train` then `make sample` on a fresh clone; `make test` is what CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU wheel by default; `make install TORCH=torch` (or a CUDA index) for a GPU build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+# Extra Hydra overrides for train.py / sample.py, e.g. `make train ARGS="train.max_iters=500"`.
+ARGS ?=
+# Local path or URL of the raw corpus, e.g. `make train SOURCE=~/input.txt` (default: download).
+SOURCE ?=
+PREPARE_ARGS := $(if $(SOURCE),data.source=$(SOURCE),)
+
+.PHONY: install data train sample test test-all lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+data: install
+	$(BIN)/python scripts/prepare.py data=shakespeare_char $(PREPARE_ARGS)
+
+train: data
+	$(BIN)/python scripts/train.py experiment=tiny_cpu $(ARGS)
+
+sample: install
+	$(BIN)/python scripts/sample.py ckpt=latest $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,18 @@
+"""Prepare a dataset: `python scripts/prepare.py data=shakespeare_char [data.source=<path or URL>]`."""
+
+import hydra
+from omegaconf import DictConfig
+
+from hydragpt.config import prepare_config
+from hydragpt.data.prepare import prepare
+from hydragpt.errors import run_cli, user_errors_exit
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    prepare(prepare_config(cfg))
+
+
+if __name__ == "__main__":
+    run_cli(main)

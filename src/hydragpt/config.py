@@ -1,0 +1,262 @@
+"""Typed run configuration: the schema of conf/, converted and validated once, before any work.
+
+conf/*.yaml holds every knob with its default and a comment; these dataclasses hold their types. Scripts
+hand Hydra's composed `DictConfig` to `train_config` / `sample_config` / `prepare_config` and get back
+plain dataclasses, or a `UserError` that names the bad value and how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hydragpt.errors import UserError
+from hydragpt.model import GPTConfig
+
+# Optional[...] rather than `X | None` below: OmegaConf's structured configs read these annotations.
+# ruff: noqa: UP045
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+OPTIMIZERS = ("adamw",)
+LR_SCHEDULES = ("cosine", "constant")
+TOKENIZERS = ("char",)
+
+
+@dataclass
+class DataConfig:
+    name: str
+    source: str
+    tokenizer: str
+    val_fraction: float
+
+
+@dataclass
+class OptimConfig:
+    name: str
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    fused: Optional[bool]
+
+
+@dataclass
+class LRConfig:
+    name: str
+    warmup_iters: int
+    decay_iters: int
+    min_lr: float
+
+
+@dataclass
+class SystemConfig:
+    device: str
+    dtype: str
+    compile: bool
+    matmul_precision: str
+    seed: int
+    peak_flops: Optional[float]
+
+
+@dataclass
+class DDPConfig:
+    name: str
+
+
+@dataclass
+class LoggerConfig:
+    name: str
+    plot: bool
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str
+    output_dir: str
+
+
+@dataclass
+class TrainLoopConfig:
+    max_iters: int
+    batch_size: int
+    grad_accum_steps: Optional[int]
+    total_batch_size: Optional[int]
+    grad_clip: float
+    eval_interval: int
+    eval_iters: int
+    log_interval: int
+    always_save_checkpoint: bool
+    eval_only: bool
+    init_from: str
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig
+    data: DataConfig
+    optim: OptimConfig
+    lr: LRConfig
+    system: SystemConfig
+    ddp: DDPConfig
+    logger: LoggerConfig
+    paths: PathsConfig
+    train: TrainLoopConfig
+    resume: Optional[str] = None
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str
+    start: str
+    num_samples: int
+    max_new_tokens: int
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    seed: int
+    device: str
+    dtype: str
+    paths: PathsConfig
+
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig
+    paths: PathsConfig
+    overwrite: bool
+
+
+Schema = TypeVar("Schema")
+
+
+def to_dataclass(cfg: DictConfig | dict[str, Any], schema: type[Schema]) -> Schema:
+    """Check `cfg` against `schema` (unknown keys, wrong types, missing values) and convert it."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as ex:
+        key = getattr(ex, "full_key", None) or "?"
+        reason = str(ex).splitlines()[0]
+        raise UserError(
+            f"invalid config value at '{key}': {reason}",
+            "check the key's spelling and type; `--cfg job` prints the composed config",
+        ) from ex
+
+
+def _require(ok: bool, what: str, fix: str) -> None:
+    if not ok:
+        raise UserError(what, fix)
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _require(value in allowed, f"unknown {key} '{value}'", f"use one of: {', '.join(allowed)}")
+
+
+def validate_model(m: GPTConfig) -> None:
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}", "set a positive size")
+    _require(
+        m.n_embd % m.n_head == 0,
+        f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}",
+        "choose n_embd as a multiple of n_head, e.g. n_embd=384 n_head=6",
+    )
+    _require(m.vocab_size is None or m.vocab_size >= 1, "model.vocab_size must be >= 1", "or null for the data's")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}", "e.g. 0.0 or 0.2")
+
+
+def validate_device(device: str, key: str) -> None:
+    _choice(device.split(":")[0], DEVICES, key)
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """All the cross-field checks that need no data or hardware; run once, before any work."""
+    validate_model(cfg.model)
+    t = cfg.train
+    for key in ("max_iters",):
+        _require(getattr(t, key) >= 0, f"train.{key} must be >= 0", "set a non-negative count")
+    for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
+        _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}", "set a positive count")
+    _require(
+        (t.grad_accum_steps is None) != (t.total_batch_size is None),
+        "set exactly one of train.grad_accum_steps and train.total_batch_size",
+        "e.g. train.grad_accum_steps=1 train.total_batch_size=null",
+    )
+    if t.grad_accum_steps is not None:
+        _require(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
+    _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
+    _choice(cfg.optim.name, OPTIMIZERS, "optim")
+    _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")
+    _require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim betas must be in [0, 1)", "e.g. 0.9, 0.95")
+    _choice(cfg.lr.name, LR_SCHEDULES, "lr schedule")
+    _require(cfg.lr.warmup_iters >= 0, "lr.warmup_iters must be >= 0", "use 0 for no warmup")
+    _require(
+        0 <= cfg.lr.min_lr <= cfg.optim.lr,
+        f"lr.min_lr={cfg.lr.min_lr} must be between 0 and optim.lr={cfg.optim.lr}",
+        "usually optim.lr / 10",
+    )
+    if cfg.lr.name == "cosine":
+        _require(
+            cfg.lr.decay_iters > cfg.lr.warmup_iters,
+            f"lr.decay_iters={cfg.lr.decay_iters} must exceed lr.warmup_iters={cfg.lr.warmup_iters}",
+            "usually lr.decay_iters = train.max_iters",
+        )
+    validate_device(cfg.system.device, "system.device")
+    _choice(cfg.system.dtype, DTYPES, "system.dtype")
+    _choice(cfg.system.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
+    _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    _require(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
+    _choice(cfg.ddp.name, ("none",), "ddp")
+
+
+def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
+    """Micro-steps per optimizer step: given directly, or derived from the total tokens per step."""
+    if t.grad_accum_steps is not None:
+        return t.grad_accum_steps
+    assert t.total_batch_size is not None
+    per_micro_step = t.batch_size * block_size * world_size
+    if t.total_batch_size % per_micro_step != 0:
+        raise UserError(
+            f"train.total_batch_size={t.total_batch_size} is not divisible by batch_size x block_size x "
+            f"world_size = {t.batch_size} x {block_size} x {world_size} = {per_micro_step}",
+            f"use a multiple of {per_micro_step}, e.g. {per_micro_step * max(1, math.ceil(t.total_batch_size / per_micro_step))}",
+        )
+    return t.total_batch_size // per_micro_step
+
+
+def train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
+    typed = to_dataclass(cfg, TrainConfig)
+    validate_train(typed)
+    grad_accum_steps(typed.train, typed.model.block_size)
+    return typed
+
+
+def sample_config(cfg: DictConfig) -> SampleConfig:
+    typed = to_dataclass(cfg, SampleConfig)
+    _require(typed.num_samples >= 1, f"num_samples must be >= 1, got {typed.num_samples}", "e.g. num_samples=3")
+    _require(typed.max_new_tokens >= 0, "max_new_tokens must be >= 0", "e.g. max_new_tokens=500")
+    _require(
+        typed.temperature >= 0,
+        f"temperature must be >= 0, got {typed.temperature}",
+        "use temperature=0 for greedy decoding or a positive value such as 0.8",
+    )
+    _require(typed.top_k is None or typed.top_k >= 1, f"top_k must be >= 1, got {typed.top_k}", "or top_k=null")
+    _require(
+        typed.top_p is None or 0 < typed.top_p <= 1, f"top_p must be in (0, 1], got {typed.top_p}", "or top_p=null"
+    )
+    validate_device(typed.device, "device")
+    _choice(typed.dtype, DTYPES, "dtype")
+    return typed
+
+
+def prepare_config(cfg: DictConfig) -> PrepareConfig:
+    typed = to_dataclass(cfg, PrepareConfig)
+    _choice(typed.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    _require(0 < typed.data.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
+    return typed

@@ -1,0 +1,1 @@
+"""Data: tokenizers, dataset preparation, prepared datasets and batch loaders."""

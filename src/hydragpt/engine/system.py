@@ -1,0 +1,52 @@
+"""Device, precision and seeding: turns `system.*` config into torch settings, in one place."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import ContextManager
+
+import numpy as np
+import torch
+
+from hydragpt.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicitly requested device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available", "use system=cpu or system.device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device '{name}' requested but MPS is not available", "use system.device=cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that support it (float16 on older ones), float32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager[object]:
+    """Mixed precision for the forward pass; weights and optimizer state stay float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device

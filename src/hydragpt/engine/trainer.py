@@ -1,0 +1,348 @@
+"""The Trainer: composes model, data, optimizer and schedule, checkpoints and loggers, and owns the loop.
+
+Everything that must survive a restart (weights, optimizer, scheduler, grad scaler, step, tokens seen,
+best val loss, RNG states, loader position) goes through `state_dict` / `load_state_dict`, so resuming is
+exact by construction: the resumed run draws the same batches and the same dropout masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hydragpt.config import TrainConfig, grad_accum_steps
+from hydragpt.data.dataset import SPLITS, RandomBatchLoader, TokenDataset
+from hydragpt.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    clean_state_dict,
+    link_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from hydragpt.engine.metrics import mfu, peak_flops
+from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
+from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
+from hydragpt.errors import UserError
+from hydragpt.loggers import build_loggers
+from hydragpt.model import GPT, GPTConfig
+from hydragpt.plot import plot_run
+
+log = logging.getLogger("hydragpt.train")
+
+# Evaluation draws a fixed set of windows per split (the same at every eval, so evals compare like with
+# like) from generators seeded apart from the training loader's.
+EVAL_SEED_OFFSET = {"train": 1_000_003, "val": 2_000_003}
+
+
+class TrainingDiverged(UserError):
+    """The loss stopped being a finite number; the last checkpoint on disk is from before it."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        run_config: dict[str, Any],
+        resume_from: dict[str, Any] | None = None,
+    ) -> None:
+        """`run_config` is the resolved config as plain data, stored in every checkpoint; `resume_from`
+        is a loaded checkpoint of this same run to continue from."""
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.run_config = run_config
+        self.ckpt_dir = run_dir / CHECKPOINT_DIR
+        t = cfg.train
+
+        self.device = resolve_device(cfg.system.device)
+        self.dtype = resolve_dtype(cfg.system.dtype, self.device)
+        torch.set_float32_matmul_precision(cfg.system.matmul_precision)
+        seed_everything(cfg.system.seed)
+
+        self.data = TokenDataset(Path(cfg.paths.data_dir) / cfg.data.name)
+        init_ckpt = resume_from
+        if init_ckpt is None and t.init_from != "scratch":
+            init_ckpt = load_checkpoint(t.init_from)
+        self.model_config = self._model_config(init_ckpt, resumed=resume_from is not None)
+        self.data.require_block(self.model_config.block_size)
+
+        self.raw_model = GPT(self.model_config) if init_ckpt is None else self._model_from_checkpoint(init_ckpt)
+        self.raw_model.to(self.device)
+
+        self.grad_accum = grad_accum_steps(t, self.model_config.block_size)
+        self.tokens_per_step = t.batch_size * self.model_config.block_size * self.grad_accum
+        self.train_loader = RandomBatchLoader(
+            self.data.splits["train"], t.batch_size, self.model_config.block_size, cfg.system.seed, self.device
+        )
+        self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.optim.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+        self.step = 0  # optimizer steps taken
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        if resume_from is not None:
+            self.load_state_dict(resume_from)
+
+        self.model: torch.nn.Module = torch.compile(self.raw_model) if cfg.system.compile else self.raw_model
+        self.peak_flops = peak_flops(self.device, self.dtype, cfg.system.peak_flops)
+        self.flops_per_token = self.raw_model.flops_per_token()
+
+    def _model_config(self, init_ckpt: dict[str, Any] | None, resumed: bool) -> GPTConfig:
+        """The model's shape: from the config (vocab from the data), or from the checkpoint we start from."""
+        wanted = self.cfg.model
+        data_vocab = self.data.tokenizer.vocab_size
+        if init_ckpt is None:
+            if wanted.vocab_size is None:
+                return replace(wanted, vocab_size=data_vocab)
+            if wanted.vocab_size < data_vocab:
+                raise UserError(
+                    f"model.vocab_size={wanted.vocab_size} is smaller than the dataset's vocabulary ({data_vocab})",
+                    "use model.vocab_size=null to take it from the data",
+                )
+            return wanted
+        if init_ckpt["tokenizer"] != self.data.meta.tokenizer:
+            raise UserError(
+                f"the checkpoint's vocabulary does not match dataset '{self.cfg.data.name}'",
+                "train on the data the checkpoint was trained on, or start from scratch",
+            )
+        saved = GPTConfig(**init_ckpt["model_config"])
+        if resumed:
+            return replace(saved, dropout=wanted.dropout)
+        # a new run from saved weights: the checkpoint decides the shape; only dropout comes from the
+        # config, and the context may be cropped shorter
+        block_size = min(saved.block_size, wanted.block_size)
+        if block_size < saved.block_size:
+            log.info("cropping block_size from %d to %d", saved.block_size, block_size)
+        return replace(saved, dropout=wanted.dropout, block_size=block_size)
+
+    def _model_from_checkpoint(self, ckpt: dict[str, Any]) -> GPT:
+        """Build at the saved size, load the weights, then crop the context if this run wants it shorter."""
+        model = GPT(replace(self.model_config, block_size=ckpt["model_config"]["block_size"]))
+        model.load_state_dict(ckpt["model"])
+        if self.model_config.block_size < model.config.block_size:
+            model.crop_block_size(self.model_config.block_size)
+        return model
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": clean_state_dict(self.raw_model.state_dict()),
+            "model_config": asdict(self.model_config),
+            "tokenizer": self.data.meta.tokenizer,
+            "config": self.run_config,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss,
+            "rng": rng_state(),
+            "loader": self.train_loader.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; optimizer hyperparameters and the lr follow the (possibly overridden)
+        config from here on."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.best_val_loss = state["best_val_loss"]
+        self.train_loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        optim = self.cfg.optim
+        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
+        for group, weight_decay in zip(self.optimizer.param_groups, (optim.weight_decay, 0.0), strict=True):
+            group.update(
+                lr=optim.lr * lr_factor(self.step, self.cfg.lr, optim.lr),
+                betas=(optim.beta1, optim.beta2),
+                eps=optim.eps,
+                weight_decay=weight_decay,
+            )
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over `grad_accum` micro-batches: (mean loss, grad norm, lr used)."""
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            with autocast(self.device, self.dtype):
+                _, loss = self.model(x, y)
+            loss = loss / self.grad_accum  # the gradient of the mean over micro-batches
+            loss_sum += loss.detach()
+            self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.train.grad_clip or math.inf  # 0 disables clipping; the norm is still measured
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss_sum, grad_norm, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over `eval_iters` fixed batches of each split."""
+        t = self.cfg.train
+        self.model.eval()
+        losses = {}
+        for split in SPLITS:
+            loader = RandomBatchLoader(
+                self.data.splits[split],
+                t.batch_size,
+                self.model_config.block_size,
+                self.cfg.system.seed + EVAL_SEED_OFFSET[split],
+                self.device,
+            )
+            total = torch.zeros((), device=self.device)
+            for _ in range(t.eval_iters):
+                x, y = loader.next_batch()
+                with autocast(self.device, self.dtype):
+                    _, loss = self.model(x, y)
+                total += loss.float()
+            losses[f"{split}_loss"] = (total / t.eval_iters).item()
+        self.model.train()
+        return losses
+
+    def fit(self) -> float:
+        """Train to `train.max_iters` (or only evaluate, with `eval_only`); returns the best val loss."""
+        t = self.cfg.train
+        self.loggers = build_loggers(self.cfg.logger, self.run_dir)
+        self._log_setup()
+        self.start_time = time.perf_counter()
+        try:
+            if t.eval_only or self.step == 0:
+                self._evaluate_and_checkpoint(save=False)
+            if not t.eval_only:
+                self._train_loop()
+        finally:
+            for logger in self.loggers:
+                logger.close()
+        if not t.eval_only and self.cfg.logger.plot:
+            log.info("plots: %s", plot_run(self.run_dir))
+        return self.best_val_loss
+
+    def _train_loop(self) -> None:
+        t = self.cfg.train
+        first_step = self.step
+        window_start, window_steps, train_seconds = time.perf_counter(), 0, 0.0
+        while self.step < t.max_iters:
+            loss, grad_norm, lr = self.train_step()
+            window_steps += 1
+            finished = self.step == t.max_iters
+            if (self.step - 1) % t.log_interval == 0 or finished:
+                loss_value = loss.item()  # waits for the device: only at log intervals
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"loss became {loss_value} at iter {self.step - 1}",
+                        "lower optim.lr, raise lr.warmup_iters or set train.grad_clip; resume from the last checkpoint",
+                    )
+                elapsed = time.perf_counter() - window_start
+                train_seconds += elapsed
+                tokens_per_sec = window_steps * self.tokens_per_step / elapsed
+                self._log(
+                    {
+                        "iter": self.step - 1,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "grad_norm": grad_norm.item(),
+                        "tokens_per_sec": tokens_per_sec,
+                        "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops),
+                        "tokens_seen": self.tokens_seen,
+                        "time": time.perf_counter() - self.start_time,
+                        "dt_ms": 1000 * elapsed / window_steps,
+                    }
+                )
+                window_start, window_steps = time.perf_counter(), 0
+            if self.step % t.eval_interval == 0 or finished:
+                train_seconds += time.perf_counter() - window_start
+                self._evaluate_and_checkpoint(save=True)
+                window_start, window_steps = time.perf_counter(), 0
+        steps = self.step - first_step
+        if steps:
+            log.info(
+                "done: %d iters in %.1fs (%.1fs training, %s tok/s), best val loss %.4f, checkpoints in %s",
+                steps,
+                time.perf_counter() - self.start_time,
+                train_seconds,
+                f"{steps * self.tokens_per_step / train_seconds:,.0f}",
+                self.best_val_loss,
+                self.ckpt_dir,
+            )
+
+    def _evaluate_and_checkpoint(self, save: bool) -> None:
+        losses = self.evaluate()
+        self._log({"iter": self.step, **losses, "time": time.perf_counter() - self.start_time})
+        val_loss = losses["val_loss"]
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(
+                f"val loss became {val_loss} at iter {self.step}",
+                "lower optim.lr or raise lr.warmup_iters; the last checkpoint on disk is from before this",
+            )
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = val_loss
+        if not save:
+            return
+        last, best = self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt"
+        if self.cfg.train.always_save_checkpoint or self.step == self.cfg.train.max_iters:
+            save_checkpoint(last, self.state_dict())
+            if improved:
+                link_checkpoint(last, best)
+            log.info("saved %s%s", last, " (also best.pt)" if improved else "")
+        elif improved:
+            save_checkpoint(best, self.state_dict())
+            log.info("saved %s", best)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log(record)
+
+    def _log_setup(self) -> None:
+        m, t = self.model_config, self.cfg.train
+        log.info("run directory: %s", self.run_dir)
+        log.info(
+            "model %s: %.2fM parameters (%d layers, %d heads, %d wide, block %d, vocab %d, dropout %g)",
+            m.name,
+            self.raw_model.num_params() / 1e6,
+            m.n_layer,
+            m.n_head,
+            m.n_embd,
+            m.block_size,
+            m.vocab_size,
+            m.dropout,
+        )
+        log.info(
+            "data %s: %s train / %s val tokens; %s tokens per step (batch %d x block %d x accumulation %d)",
+            self.cfg.data.name,
+            f"{len(self.data.splits['train']):,}",
+            f"{len(self.data.splits['val']):,}",
+            f"{self.tokens_per_step:,}",
+            t.batch_size,
+            m.block_size,
+            self.grad_accum,
+        )
+        log.info(
+            "device %s, %s%s; %s from iter %d to %d",
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            ", compiled" if self.cfg.system.compile else "",
+            "evaluating only" if t.eval_only else "training",
+            self.step,
+            t.max_iters,
+        )

@@ -1,0 +1,126 @@
+"""User-facing errors and the CLI wrapper that turns them into one `error:` line.
+
+A user mistake (bad config value, missing file, bad prompt) raises `UserError`; the scripts' entry point
+prints `error: <what> (<how to fix>)` on stderr and exits with status 2, with no traceback. Anything else
+is a bug in hydragpt and keeps its traceback. `HYDRA_FULL_ERROR=1` shows the traceback for both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+USER_ERROR_EXIT = 2
+# Lines of Hydra/OmegaConf messages that only add noise to a one-line error.
+_HYDRA_NOISE = ("full_key:", "object_type=", "Config search path", "To append to your config", "reference_type=",
+                "provider=")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: `what` went wrong and `fix` says how to fix it."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what} ({fix})")
+        self.what = what
+        self.fix = fix
+
+
+def _full_error_wanted() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+
+
+# The user's own HYDRA_FULL_ERROR choice, read before run_cli sets the variable for Hydra's sake.
+_user_wants_traceback = _full_error_wanted()
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def _blocks(lines: list[str]) -> list[list[str]]:
+    """Split message lines into blocks: a "Header:" line with the items below it, or a lone line."""
+    blocks: list[list[str]] = []
+    for line in lines:
+        if blocks and blocks[-1][0].endswith(":") and not line.endswith(":"):
+            blocks[-1].append(line)
+        else:
+            blocks.append([line])
+    return blocks
+
+
+def _one_line(ex: BaseException) -> str:
+    """Hydra's and OmegaConf's messages span several lines: keep the first as the "what" and fold the
+    useful rest (the cause, "Available options in 'model': a, b, c") into the parenthesis."""
+    text = str(ex)
+    if isinstance(ex.__cause__, OmegaConfBaseException):
+        text += "\n" + str(ex.__cause__)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return f"{type(ex).__name__} (run with HYDRA_FULL_ERROR=1 for details)"
+    details: list[str] = []
+    for block in _blocks(lines[1:]):
+        header, items = block[0], block[1:]
+        if header.startswith(_HYDRA_NOISE):
+            continue
+        details.append(f"{header} {', '.join(items)}" if items else header)
+    details.append("`--help` lists config groups and options, `--cfg job` shows the composed config")
+    return f"{lines[0]} ({'; '.join(details)})"
+
+
+def _user_error_cause(ex: BaseException) -> UserError | None:
+    seen: BaseException | None = ex
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a Hydra task function: a `UserError` raised inside becomes the `error:` line and exit 2.
+
+    It exits from inside the task (SystemExit passes through Hydra untouched), so Hydra adds no
+    "Error executing job" banner to the one line.
+    """
+
+    @functools.wraps(task)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except UserError as ex:
+            if _user_wants_traceback:
+                raise
+            _exit_with(str(ex))
+
+    return wrapped
+
+
+def run_cli(hydra_main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` function so that config-composition mistakes also give one `error:` line.
+
+    Hydra prints composition errors (unknown config option, bad override) over several lines itself
+    unless HYDRA_FULL_ERROR is set; we set it so they reach us, and restore the user's choice of a
+    full traceback when they set it themselves.
+    """
+    global _user_wants_traceback
+    _user_wants_traceback = _full_error_wanted()
+    if _user_wants_traceback:
+        hydra_main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except UserError as ex:
+        _exit_with(str(ex))
+    except (HydraException, OmegaConfBaseException) as ex:
+        cause = _user_error_cause(ex)  # e.g. raised by one of our resolvers while Hydra composed
+        _exit_with(str(cause) if cause else _one_line(ex))
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -1,0 +1,43 @@
+"""Plots of a run's metrics.jsonl: loss, learning rate, gradient norm and throughput over iterations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+
+from hydragpt.loggers import read_metrics
+
+PLOT_FILE = Path("plots") / "metrics.png"
+
+
+def plot_run(run_dir: Path) -> Path:
+    """Draw the run's curves into `<run_dir>/plots/metrics.png` and return that path."""
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    loss_ax, lr_ax, norm_ax, speed_ax = axes.flat
+    loss_ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], label="train (batch)", alpha=0.5)
+    loss_ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    loss_ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    loss_ax.set(title="loss", xlabel="iter")
+    loss_ax.legend()
+    lr_ax.plot([r["iter"] for r in steps], [r["lr"] for r in steps])
+    lr_ax.set(title="learning rate", xlabel="iter")
+    norm_ax.plot([r["iter"] for r in steps], [r["grad_norm"] for r in steps])
+    norm_ax.set(title="gradient norm (before clipping)", xlabel="iter", yscale="log")
+    speed_ax.plot([r["iter"] for r in steps], [r["tokens_per_sec"] for r in steps])
+    speed_ax.set(title="tokens/s", xlabel="iter")
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+
+    out = run_dir / PLOT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,128 @@
+"""Text generation from a trained model, and what `scripts/sample.py` runs.
+
+A checkpoint alone is enough: it carries the weights, the model's shape and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from hydragpt.config import SampleConfig
+from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
+from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint
+from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
+from hydragpt.errors import UserError
+from hydragpt.model import GPT, GPTConfig
+
+log = logging.getLogger("hydragpt.sample")
+
+FILE_PREFIX = "FILE:"
+SEPARATOR = "---------------"
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick the next token id from last-position logits (B, V): greedy at temperature 0, else sample
+    from the temperature-scaled distribution restricted to the top_k tokens and the top_p mass."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B, 1) one step at a time, continuing the prompts `idx` (B, T).
+
+    Past `block_size` the model sees the most recent `block_size` tokens. `vocab_limit` keeps padded
+    vocabulary rows (never seen in training) from being sampled.
+    """
+    block_size = model.config.block_size
+    for _ in range(max_new_tokens):
+        context = idx if idx.size(1) <= block_size else idx[:, -block_size:]
+        logits, _ = model(context)
+        logits = logits[:, -1, :].float()
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
+        token = next_token(logits, temperature, top_k, top_p, generator)
+        idx = torch.cat((idx, token), dim=1)
+        yield token
+
+
+def latest_checkpoint(output_dir: Path) -> Path:
+    """The most recently written last.pt under the outputs directory (what `make sample` uses)."""
+    candidates = list(output_dir.glob(f"**/{CHECKPOINT_DIR}/last.pt"))
+    if not candidates:
+        raise UserError(f"no checkpoint under {output_dir}/", "train first (`make train`), or pass ckpt=<path>")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def read_prompt(start: str) -> str:
+    if not start.startswith(FILE_PREFIX):
+        return start
+    path = Path(start.removeprefix(FILE_PREFIX)).expanduser()
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist", "use start=FILE:<path of a text file>")
+    return path.read_text(encoding="utf-8")
+
+
+def load_model(ckpt: dict, device: torch.device) -> tuple[GPT, Tokenizer]:
+    model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": 0.0}))
+    model.load_state_dict(ckpt["model"])
+    model.eval().to(device)
+    return model, tokenizer_from_description(ckpt["tokenizer"])
+
+
+def sample(cfg: SampleConfig) -> list[str]:
+    """Print `num_samples` continuations of the prompt to stdout, each followed by a separator line."""
+    path = latest_checkpoint(Path(cfg.paths.output_dir)) if cfg.ckpt == "latest" else Path(cfg.ckpt)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    log.info("sampling from %s on %s", path, device)
+    model, tokenizer = load_model(load_checkpoint(path), device)
+    prompt = read_prompt(cfg.start)
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise UserError("the prompt is empty", 'give start="<some text>" (the default is a newline)')
+
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
+    new_tokens: list[torch.Tensor] = []
+    with autocast(device, dtype):
+        for token in generate(
+            model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator, tokenizer.vocab_size
+        ):
+            new_tokens.append(token)
+    generated = torch.cat(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(cfg.num_samples)]
+    texts = [prompt + tokenizer.decode(ids) for ids in generated]
+    for text in texts:
+        print(text)
+        print(SEPARATOR, flush=True)
+    return texts

@@ -1,0 +1,110 @@
+"""What `scripts/train.py` runs: Hydra's config -> typed config -> Trainer, and `resume=<run dir>`.
+
+Resuming continues a stopped run in its own directory. Its config is the one saved in the run's last
+checkpoint, with this command line's `key=value` overrides applied on top (max_iters, intervals, lr...);
+overrides that would change the model's shape or the dataset are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hydragpt.config import train_config
+from hydragpt.engine.checkpoint import load_checkpoint
+from hydragpt.engine.trainer import Trainer
+from hydragpt.errors import UserError
+
+log = logging.getLogger("hydragpt.train")
+
+
+def _run_dir(resume: str | None, fresh: str) -> str:
+    if not resume:
+        return fresh
+    if not Path(resume).is_dir():
+        raise UserError(f"resume={resume} is not a run directory", "give the outputs/<date>/<time> directory to continue")
+    return resume
+
+
+# Resolvers used by conf/hydra/default.yaml: a resumed run writes into the directory it resumes, and
+# keeps that directory's original .hydra/ record (`_record_resume` updates it instead).
+OmegaConf.register_new_resolver("hydragpt.run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver(
+    "hydragpt.output_subdir", lambda resume, subdir: None if resume else subdir, replace=True
+)
+
+# Config keys whose change on resume would not fit the saved state.
+FROZEN_ON_RESUME = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
+                    "model.bias", "data.name", "data.tokenizer")
+
+
+def apply_resume_overrides(saved: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The saved run config with this command line's `key=value` overrides (other than resume) applied."""
+    config = OmegaConf.create(saved)
+    OmegaConf.set_struct(config, True)  # an unknown key is an error, not a new key
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as ex:
+        raise UserError(f"bad override: {ex}", "use key=value") from ex
+    for override in parsed:
+        key = override.key_or_group
+        if key == "resume":
+            continue
+        node = OmegaConf.select(config, key, default=None)
+        if override.is_delete() or override.is_add() or isinstance(node, DictConfig):
+            raise UserError(
+                f"cannot apply '{override.input_line}' when resuming: only key=value changes of existing values are"
+                " allowed (not config groups, + or ~)",
+                f"drop it, or start a new run with it and train.init_from={saved['resume']}",
+            )
+        try:
+            OmegaConf.update(config, key, override.value(), merge=False)
+        except OmegaConfBaseException as ex:
+            raise UserError(f"cannot apply '{override.input_line}' when resuming: {ex}", "check the key") from ex
+    result = OmegaConf.to_container(config, resolve=True)
+    for key in FROZEN_ON_RESUME:
+        before, after = OmegaConf.select(OmegaConf.create(saved), key), OmegaConf.select(config, key)
+        if before != after:
+            raise UserError(
+                f"resume cannot change {key} from {before} to {after}: the saved weights and optimizer have the"
+                " old shape",
+                f"drop that override, or start a new run with train.init_from=<checkpoint> instead of resume",
+            )
+    assert isinstance(result, dict)
+    return result
+
+
+def _record_resume(run_dir: Path, config: dict[str, Any], overrides: list[str]) -> None:
+    """Keep .hydra/ truthful: the config now in force, and the overrides of every invocation in order."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    overrides_file = hydra_dir / "overrides.yaml"
+    previous = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    overrides_file.write_text(yaml.safe_dump([*(previous or []), *overrides]))
+
+
+def train(cfg: DictConfig) -> float:
+    """Train as `cfg` says; returns the best val loss (what a Hydra sweeper minimizes)."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(run_config, dict)
+    resume_from = None
+    if cfg.resume:
+        resume_from = load_checkpoint(cfg.resume)
+        overrides = list(hydra_cfg.overrides.task)
+        saved_config = {**resume_from["config"], "resume": cfg.resume}
+        run_config = apply_resume_overrides(saved_config, overrides)
+        _record_resume(run_dir, run_config, overrides)
+        log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
+    typed = train_config(run_config)
+    return Trainer(typed, run_dir, run_config, resume_from=resume_from).fit()
