@@ -193,7 +193,11 @@ def validate_train(cfg: TrainConfig) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
     _choice(cfg.optim.name, OPTIMIZERS, "optim")
     _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")
-    _require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim betas must be in [0, 1)", "e.g. 0.9, 0.95")
+    _require(
+        0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1,
+        "optim betas must be in [0, 1)",
+        "e.g. 0.9, 0.95",
+    )
     _choice(cfg.lr.name, LR_SCHEDULES, "lr schedule")
     _require(cfg.lr.warmup_iters >= 0, "lr.warmup_iters must be >= 0", "use 0 for no warmup")
     _require(
@@ -201,12 +205,7 @@ def validate_train(cfg: TrainConfig) -> None:
         f"lr.min_lr={cfg.lr.min_lr} must be between 0 and optim.lr={cfg.optim.lr}",
         "usually optim.lr / 10",
     )
-    if cfg.lr.name == "cosine":
-        _require(
-            cfg.lr.decay_iters > cfg.lr.warmup_iters,
-            f"lr.decay_iters={cfg.lr.decay_iters} must exceed lr.warmup_iters={cfg.lr.warmup_iters}",
-            "usually lr.decay_iters = train.max_iters",
-        )
+    _require(cfg.lr.decay_iters >= 0, "lr.decay_iters must be >= 0", "usually lr.decay_iters = train.max_iters")
     validate_device(cfg.system.device, "system.device")
     _choice(cfg.system.dtype, DTYPES, "system.dtype")
     _choice(cfg.system.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
@@ -222,10 +221,11 @@ def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -
     assert t.total_batch_size is not None
     per_micro_step = t.batch_size * block_size * world_size
     if t.total_batch_size % per_micro_step != 0:
+        nearest = per_micro_step * math.ceil(t.total_batch_size / per_micro_step)
         raise UserError(
             f"train.total_batch_size={t.total_batch_size} is not divisible by batch_size x block_size x "
             f"world_size = {t.batch_size} x {block_size} x {world_size} = {per_micro_step}",
-            f"use a multiple of {per_micro_step}, e.g. {per_micro_step * max(1, math.ceil(t.total_batch_size / per_micro_step))}",
+            f"use a multiple of {per_micro_step}, e.g. {nearest}",
         )
     return t.total_batch_size // per_micro_step
 
@@ -248,7 +248,9 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
     )
     _require(typed.top_k is None or typed.top_k >= 1, f"top_k must be >= 1, got {typed.top_k}", "or top_k=null")
     _require(
-        typed.top_p is None or 0 < typed.top_p <= 1, f"top_p must be in (0, 1], got {typed.top_p}", "or top_p=null"
+        typed.top_p is None or 0 < typed.top_p <= 1,
+        f"top_p must be in (0, 1], got {typed.top_p}",
+        "or top_p=null",
     )
     validate_device(typed.device, "device")
     _choice(typed.dtype, DTYPES, "dtype")

@@ -18,8 +18,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 USER_ERROR_EXIT = 2
 # Lines of Hydra/OmegaConf messages that only add noise to a one-line error.
-_HYDRA_NOISE = ("full_key:", "object_type=", "Config search path", "To append to your config", "reference_type=",
-                "provider=")
+_HYDRA_NOISE = (
+    "full_key:",
+    "object_type=",
+    "Config search path",
+    "To append to your config",
+    "reference_type=",
+    "provider=",
+)
 
 
 class UserError(Exception):

@@ -8,7 +8,7 @@ where the device has it). Equivalent to nanoGPT's model, so GPT-2 weights load i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -98,7 +98,7 @@ class GPT(nn.Module):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size must be set before building the model")
-        self.config = config
+        self.config = replace(config)  # our own copy: crop_block_size changes it
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(config.vocab_size, config.n_embd),

@@ -117,7 +117,14 @@ def sample(cfg: SampleConfig) -> list[str]:
     new_tokens: list[torch.Tensor] = []
     with autocast(device, dtype):
         for token in generate(
-            model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator, tokenizer.vocab_size
+            model,
+            idx,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            generator,
+            tokenizer.vocab_size,
         ):
             new_tokens.append(token)
     generated = torch.cat(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(cfg.num_samples)]

@@ -30,7 +30,9 @@ def _run_dir(resume: str | None, fresh: str) -> str:
     if not resume:
         return fresh
     if not Path(resume).is_dir():
-        raise UserError(f"resume={resume} is not a run directory", "give the outputs/<date>/<time> directory to continue")
+        raise UserError(
+            f"resume={resume} is not a run directory", "give the outputs/<date>/<time> directory to continue"
+        )
     return resume
 
 
@@ -42,12 +44,24 @@ OmegaConf.register_new_resolver(
 )
 
 # Config keys whose change on resume would not fit the saved state.
-FROZEN_ON_RESUME = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
-                    "model.bias", "data.name", "data.tokenizer")
+FROZEN_ON_RESUME = (
+    "model.n_layer",
+    "model.n_head",
+    "model.n_embd",
+    "model.block_size",
+    "model.vocab_size",
+    "model.bias",
+    "data.name",
+    "data.tokenizer",
+)
 
 
-def apply_resume_overrides(saved: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """The saved run config with this command line's `key=value` overrides (other than resume) applied."""
+def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overrides: list[str]) -> dict[str, Any]:
+    """The saved run config with this command line's `key=value` overrides (other than resume) applied.
+
+    `choices` are the saved run's config-group selections: repeating one (`model=debug` when the run
+    used debug) is fine, so the original command line plus `resume=` works; changing one is refused.
+    """
     config = OmegaConf.create(saved)
     OmegaConf.set_struct(config, True)  # an unknown key is an error, not a new key
     try:
@@ -56,7 +70,7 @@ def apply_resume_overrides(saved: dict[str, Any], overrides: list[str]) -> dict[
         raise UserError(f"bad override: {ex}", "use key=value") from ex
     for override in parsed:
         key = override.key_or_group
-        if key == "resume":
+        if key == "resume" or (key in choices and override.value() == choices[key]):
             continue
         node = OmegaConf.select(config, key, default=None)
         if override.is_delete() or override.is_add() or isinstance(node, DictConfig):
@@ -76,7 +90,7 @@ def apply_resume_overrides(saved: dict[str, Any], overrides: list[str]) -> dict[
             raise UserError(
                 f"resume cannot change {key} from {before} to {after}: the saved weights and optimizer have the"
                 " old shape",
-                f"drop that override, or start a new run with train.init_from=<checkpoint> instead of resume",
+                "drop that override, or start a new run with train.init_from=<checkpoint> instead of resume",
             )
     assert isinstance(result, dict)
     return result
@@ -103,8 +117,18 @@ def train(cfg: DictConfig) -> float:
         resume_from = load_checkpoint(cfg.resume)
         overrides = list(hydra_cfg.overrides.task)
         saved_config = {**resume_from["config"], "resume": cfg.resume}
-        run_config = apply_resume_overrides(saved_config, overrides)
+        run_config = apply_resume_overrides(saved_config, resume_from["config_choices"], overrides)
         _record_resume(run_dir, run_config, overrides)
         log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
     typed = train_config(run_config)
-    return Trainer(typed, run_dir, run_config, resume_from=resume_from).fit()
+    choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
+    return Trainer(typed, run_dir, run_config, choices, resume_from=resume_from).fit()
+
+
+def _group_choices(hydra_cfg: DictConfig) -> dict[str, str]:
+    """Which option of each config group this run composed (model: tiny_cpu, ...), Hydra's own aside."""
+    return {
+        group: str(option)
+        for group, option in hydra_cfg.runtime.choices.items()
+        if option is not None and not group.startswith("hydra")
+    }

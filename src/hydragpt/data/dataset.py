@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ def read_meta(dataset_dir: Path) -> DatasetMeta:
     try:
         return DatasetMeta(**json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as ex:
-        raise UserError(f"{path} is not a valid dataset description", f"re-run prepare.py data={name} overwrite=true") from ex
+        raise UserError(
+            f"{path} is not a valid dataset description", f"re-run prepare.py data={name} overwrite=true"
+        ) from ex
 
 
 class TokenDataset:
@@ -88,6 +91,31 @@ class TokenDataset:
         return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
+def _windows_to_batch(
+    tokens: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (len(starts), block_size), int64 on the device."""
+    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    if device.type == "cuda":
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def evaluation_batches(
+    tokens: np.ndarray, batch_size: int, block_size: int, n_batches: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`n_batches` batches of windows spread evenly over the whole split.
+
+    The same windows at every evaluation and in every run of the same data: val losses differ only
+    because the models do, and a stratified sample is a steadier estimate than random windows.
+    """
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).astype(np.int64)
+    for batch_starts in starts.reshape(n_batches, batch_size):
+        yield _windows_to_batch(tokens, batch_starts, block_size, device)
+
+
 class RandomBatchLoader:
     """Batches of random windows of one split, as nanoGPT samples them.
 
@@ -102,17 +130,11 @@ class RandomBatchLoader:
         self.block_size = block_size
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
-        self._offsets = np.arange(block_size + 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each (batch_size, block_size) int64 on the device."""
         starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
-        windows = torch.from_numpy(self.tokens[starts.numpy()[:, None] + self._offsets].astype(np.int64))
-        if self.device.type == "cuda":
-            windows = windows.pin_memory().to(self.device, non_blocking=True)
-        else:
-            windows = windows.to(self.device)
-        return windows[:, :-1], windows[:, 1:]
+        return _windows_to_batch(self.tokens, starts.numpy(), self.block_size, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -49,5 +49,7 @@ def lr_factor(step: int, cfg: LRConfig, base_lr: float) -> float:
     return (cfg.min_lr + cosine * (base_lr - cfg.min_lr)) / base_lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LRConfig, base_lr: float) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: LRConfig, base_lr: float
+) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, base_lr))

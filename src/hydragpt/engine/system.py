@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager[object]:
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[object]:
     """Mixed precision for the forward pass; weights and optimizer state stay float32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()

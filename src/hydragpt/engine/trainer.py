@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from hydragpt.config import TrainConfig, grad_accum_steps
-from hydragpt.data.dataset import SPLITS, RandomBatchLoader, TokenDataset
+from hydragpt.data.dataset import SPLITS, RandomBatchLoader, TokenDataset, evaluation_batches
 from hydragpt.engine.checkpoint import (
     CHECKPOINT_DIR,
     clean_state_dict,
@@ -37,10 +37,6 @@ from hydragpt.plot import plot_run
 
 log = logging.getLogger("hydragpt.train")
 
-# Evaluation draws a fixed set of windows per split (the same at every eval, so evals compare like with
-# like) from generators seeded apart from the training loader's.
-EVAL_SEED_OFFSET = {"train": 1_000_003, "val": 2_000_003}
-
 
 class TrainingDiverged(UserError):
     """The loss stopped being a finite number; the last checkpoint on disk is from before it."""
@@ -52,13 +48,16 @@ class Trainer:
         cfg: TrainConfig,
         run_dir: Path,
         run_config: dict[str, Any],
+        config_choices: dict[str, str],
         resume_from: dict[str, Any] | None = None,
     ) -> None:
-        """`run_config` is the resolved config as plain data, stored in every checkpoint; `resume_from`
-        is a loaded checkpoint of this same run to continue from."""
+        """`run_config` is the resolved config as plain data and `config_choices` the option picked in
+        each config group (model: tiny_cpu, ...), both stored in every checkpoint; `resume_from` is a
+        loaded checkpoint of this same run to continue from."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.run_config = run_config
+        self.config_choices = config_choices
         self.ckpt_dir = run_dir / CHECKPOINT_DIR
         t = cfg.train
 
@@ -80,7 +79,11 @@ class Trainer:
         self.grad_accum = grad_accum_steps(t, self.model_config.block_size)
         self.tokens_per_step = t.batch_size * self.model_config.block_size * self.grad_accum
         self.train_loader = RandomBatchLoader(
-            self.data.splits["train"], t.batch_size, self.model_config.block_size, cfg.system.seed, self.device
+            self.data.splits["train"],
+            t.batch_size,
+            self.model_config.block_size,
+            cfg.system.seed,
+            self.device,
         )
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.optim.lr)
@@ -140,6 +143,7 @@ class Trainer:
             "model_config": asdict(self.model_config),
             "tokenizer": self.data.meta.tokenizer,
             "config": self.run_config,
+            "config_choices": self.config_choices,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -197,21 +201,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over `eval_iters` fixed batches of each split."""
+        """Mean loss over `eval_iters` batches of each split, the same windows at every evaluation."""
         t = self.cfg.train
         self.model.eval()
         losses = {}
         for split in SPLITS:
-            loader = RandomBatchLoader(
-                self.data.splits[split],
-                t.batch_size,
-                self.model_config.block_size,
-                self.cfg.system.seed + EVAL_SEED_OFFSET[split],
-                self.device,
+            batches = evaluation_batches(
+                self.data.splits[split], t.batch_size, self.model_config.block_size, t.eval_iters, self.device
             )
             total = torch.zeros((), device=self.device)
-            for _ in range(t.eval_iters):
-                x, y = loader.next_batch()
+            for x, y in batches:
                 with autocast(self.device, self.dtype):
                     _, loss = self.model(x, y)
                 total += loss.float()

@@ -31,7 +31,10 @@ class ConsoleLogger:
     def log(self, record: dict[str, Any]) -> None:
         if "val_loss" in record:
             log.info(
-                "eval at iter %d: train loss %.4f, val loss %.4f", record["iter"], record["train_loss"], record["val_loss"]
+                "eval at iter %d: train loss %.4f, val loss %.4f",
+                record["iter"],
+                record["train_loss"],
+                record["val_loss"],
             )
             return
         mfu = f", mfu {100 * record['mfu']:.2f}%" if record.get("mfu") is not None else ""

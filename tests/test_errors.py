@@ -1,0 +1,131 @@
+"""Every user mistake: exit status 2, exactly one `error:` line on stderr, no traceback, nothing damaged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEBUG_RUN, REPO, run_script
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert errors[0].endswith(")"), "error lines end with '(<how to fix it>)'"
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def train(data_dir: Path, tmp_path: Path, *overrides: str):
+    return run_script(
+        "train",
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "train.max_iters=2",
+        *overrides,
+    )
+
+
+def test_missing_dataset(tmp_path: Path) -> None:
+    result = train(tmp_path / "nodata", tmp_path)
+    assert_user_error(result, "dataset 'shakespeare_char' is not prepared", "scripts/prepare.py data=shakespeare_char")
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_script("prepare", f"paths.data_dir={tmp_path}", f"data.source={empty}")
+    assert_user_error(result, "is empty")
+    assert not (tmp_path / "shakespeare_char" / "meta.json").exists()
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    result = run_script("prepare", f"paths.data_dir={tmp_path}", "data.source=/no/such/corpus.txt")
+    assert_user_error(result, "data.source '/no/such/corpus.txt' does not exist")
+
+
+def test_dataset_shorter_than_one_block(tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("a tiny corpus " * 20)
+    assert run_script("prepare", f"paths.data_dir={tmp_path}", f"data.source={short}").returncode == 0
+    result = train(tmp_path, tmp_path, "model.block_size=64")
+    assert_user_error(result, "fewer than one block", "use a smaller model.block_size")
+
+
+def test_unknown_config_option(data_dir: Path, tmp_path: Path) -> None:
+    assert_user_error(train(data_dir, tmp_path, "model=gpt5"), "Could not find 'model/gpt5'", "tiny_cpu")
+    assert_user_error(train(data_dir, tmp_path, "train.max_iter=3"), "Could not override 'train.max_iter'")
+    assert not (tmp_path / "out").exists()  # composition errors create no run directory
+
+
+def test_n_embd_not_divisible_by_n_head(data_dir: Path, tmp_path: Path) -> None:
+    result = train(data_dir, tmp_path, "model.n_embd=30", "model.n_head=4")
+    assert_user_error(result, "model.n_embd=30 is not divisible by model.n_head=4")
+
+
+def test_nonexistent_checkpoint(tmp_path: Path) -> None:
+    assert_user_error(run_script("sample", f"ckpt={tmp_path / 'nope.pt'}"), "does not exist")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.pt"
+    bogus.write_text("just some text\n")
+    assert_user_error(run_script("sample", f"ckpt={bogus}"), "is not a readable hydragpt checkpoint")
+
+
+def test_truncated_checkpoint_is_refused_and_left_alone(trained_run: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    data = (trained_run / "checkpoints" / "last.pt").read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    assert_user_error(run_script("sample", f"ckpt={broken}"), "is not a readable hydragpt checkpoint")
+    assert broken.stat().st_size == len(data) // 2
+
+
+def test_prompt_outside_the_char_vocab(trained_run: Path) -> None:
+    result = run_script("sample", f"ckpt={trained_run}", "start='naïve ☃'", "max_new_tokens=3")
+    assert_user_error(result, "outside the char vocabulary", "'ï'", "'☃'")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [("top_k=0", "top_k must be >= 1, got 0"), ("temperature=-0.5", "temperature must be >= 0, got -0.5")],
+)
+def test_bad_sampling_settings(trained_run: Path, override: str, fragment: str) -> None:
+    assert_user_error(run_script("sample", f"ckpt={trained_run}", override), fragment)
+
+
+def test_missing_prompt_file(trained_run: Path, tmp_path: Path) -> None:
+    result = run_script("sample", f"ckpt={trained_run}", f"start=FILE:{tmp_path / 'none.txt'}")
+    assert_user_error(result, "prompt file", "does not exist")
+
+
+def test_checkpoint_vocab_must_match_the_data(trained_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 " * 500)
+    assert run_script("prepare", f"paths.data_dir={tmp_path}", f"data.source={other}").returncode == 0
+    result = train(tmp_path, tmp_path, f"train.init_from={trained_run}")
+    assert_user_error(result, "the checkpoint's vocabulary does not match dataset 'shakespeare_char'")
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path: Path, data_dir: Path) -> None:
+    result = train(data_dir, tmp_path, f"resume={tmp_path / 'no_such_run'}")
+    assert_user_error(result, "is not a run directory")
+    assert not (tmp_path / "no_such_run").exists()
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sample.py"), f"ckpt={tmp_path / 'nope.pt'}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr and "UserError" in result.stderr

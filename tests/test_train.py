@@ -1,0 +1,181 @@
+"""The trainer end to end through scripts/train.py: run directory, metrics, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hydragpt.engine.checkpoint import clean_state_dict, load_checkpoint
+from tests.conftest import DEBUG_RUN, REPO
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def test_run_directory_layout_and_metrics(train_run, tmp_path: Path) -> None:
+    result = train_run("train.max_iters=12", "train.eval_interval=6", "train.log_interval=5")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/hydra.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "plots/metrics.png",
+    ):
+        assert (run / name).is_file(), name
+    steps, evals = read_metrics(run)
+    assert [r["iter"] for r in steps] == [0, 5, 10, 11]  # every log_interval, and the last step
+    assert set(steps[0]) >= {
+        "iter",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "mfu",
+        "tokens_seen",
+        "time",
+    }
+    assert steps[-1]["tokens_seen"] == 12 * 4 * 32  # steps x batch x block
+    assert [r["iter"] for r in evals] == [0, 6, 12]
+    assert set(evals[0]) >= {"iter", "train_loss", "val_loss"}
+    assert "eval at iter 12" in (run / "train.log").read_text()
+    assert "iter 5: loss" in result.stdout
+    assert not list(run.glob("checkpoints/.*tmp*"))  # no temporary files left behind
+
+
+def test_a_few_steps_lower_the_loss(train_run, tmp_path: Path) -> None:
+    result = train_run("train.max_iters=40", "train.eval_interval=40", "optim.lr=1e-2", "lr.warmup_iters=5")
+    assert result.returncode == 0, result.stderr
+    steps, evals = read_metrics(tmp_path / "run")
+    assert evals[0]["val_loss"] > 3.9  # about ln(65) at init
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.8
+    assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5]) - 4
+
+
+def test_checkpoint_contract(trained_run: Path) -> None:
+    ckpt = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["step"] == 30 and ckpt["tokens_seen"] == 30 * 4 * 32
+    assert ckpt["model_config"]["n_layer"] == 2 and ckpt["model_config"]["vocab_size"] == len(
+        ckpt["tokenizer"]["chars"]
+    )
+    assert ckpt["tokenizer"]["kind"] == "char"
+    assert ckpt["config"]["train"]["max_iters"] == 30
+    for key in ("optimizer", "scheduler", "scaler", "best_val_loss", "rng", "loader"):
+        assert key in ckpt
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
+
+
+def test_wrapper_prefixes_are_stripped() -> None:
+    weights = torch.zeros(1)
+    cleaned = clean_state_dict({"_orig_mod.module.lm_head.weight": weights, "module.wpe": weights, "x": weights})
+    assert list(cleaned) == ["lm_head.weight", "wpe", "x"]
+
+
+def test_resume_reproduces_the_uninterrupted_losses(train_run, tmp_path: Path) -> None:
+    common = ("lr.decay_iters=40", "train.eval_interval=10", "lr.warmup_iters=5", "model.dropout=0.1")
+    straight, first = tmp_path / "straight", tmp_path / "resumed"
+    assert train_run("train.max_iters=40", *common, run_dir=straight).returncode == 0
+    assert train_run("train.max_iters=20", *common, run_dir=first).returncode == 0
+    result = train_run(f"resume={first}", "train.max_iters=40", run_dir=first)
+    assert result.returncode == 0, result.stderr
+    straight_steps, _ = read_metrics(straight)
+    resumed_steps, _ = read_metrics(first)
+    assert [r["iter"] for r in resumed_steps] == list(range(40))
+    assert [r["loss"] for r in resumed_steps] == [r["loss"] for r in straight_steps]
+    assert [r["lr"] for r in resumed_steps] == [r["lr"] for r in straight_steps]
+    # the run's record shows the config now in force and every invocation's overrides
+    assert yaml.safe_load((first / ".hydra" / "config.yaml").read_text())["train"]["max_iters"] == 40
+    assert "train.max_iters=40" in yaml.safe_load((first / ".hydra" / "overrides.yaml").read_text())
+    assert "resuming" in (first / "train.log").read_text()
+
+
+def test_resume_refuses_shape_changes(train_run, trained_run: Path, tmp_path: Path) -> None:
+    before = (trained_run / "checkpoints" / "last.pt").read_bytes()
+    for override, message in [
+        ("model.n_embd=64", "resume cannot change model.n_embd from 32 to 64"),
+        ("model=tiny_cpu", "cannot apply 'model=tiny_cpu' when resuming"),
+    ]:
+        result = train_run(f"resume={trained_run}", "train.max_iters=40", override, run_dir=trained_run)
+        assert result.returncode == 2
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert (trained_run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_init_from_checkpoint_starts_a_new_run(train_run, trained_run: Path, tmp_path: Path) -> None:
+    saved = load_checkpoint(trained_run)
+    result = train_run(
+        f"train.init_from={trained_run / 'checkpoints' / 'last.pt'}", "train.eval_only=true", "model=tiny_cpu"
+    )  # the checkpoint decides the shape
+    assert result.returncode == 0, result.stderr
+    _, evals = read_metrics(tmp_path / "run")
+    assert len(evals) == 1 and evals[0]["iter"] == 0
+    assert evals[0]["val_loss"] == pytest.approx(saved["best_val_loss"], abs=1e-4)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # eval_only writes no checkpoint
+
+
+def test_two_runs_never_share_a_directory(data_dir: Path, tmp_path: Path) -> None:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "train.py"),
+                *DEBUG_RUN,
+                f"paths.data_dir={data_dir}",
+                f"paths.output_dir={tmp_path}",
+                "train.max_iters=1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    runs = list(tmp_path.glob("*/*/train.log"))
+    assert len(runs) == 2
+    assert all(len(r.parent.name) == len("HH-MM-SS-ffffff") for r in runs)
+
+
+def test_kill_9_never_leaves_a_truncated_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL at random instants of a run that checkpoints every step: last.pt always loads."""
+    rng = random.Random(0)
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        "train.max_iters=100000",
+        "train.eval_interval=1",
+        "train.eval_iters=1",
+    ]
+    for _ in range(5):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last = run_dir / "checkpoints" / "last.pt"
+        deadline = time.monotonic() + 60
+        while not last.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(last, weights_only=True)
+        assert ckpt["step"] >= 1
+        last.unlink()
