@@ -179,3 +179,30 @@ def test_kill_9_never_leaves_a_truncated_checkpoint(data_dir: Path, tmp_path: Pa
         ckpt = torch.load(last, weights_only=True)
         assert ckpt["step"] >= 1
         last.unlink()
+
+
+def test_best_only_checkpoints_without_always_save(train_run, tmp_path: Path) -> None:
+    result = train_run("train.max_iters=12", "train.eval_interval=4", "train.always_save_checkpoint=false")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    _, evals = read_metrics(run)
+    best = min(evals[1:], key=lambda r: r["val_loss"])
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == best["iter"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 12  # written at the end
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_on_cpu(train_run, tmp_path: Path, dtype: str) -> None:
+    result = train_run("train.max_iters=3", "train.eval_interval=3", f"system.dtype={dtype}")
+    assert result.returncode == 0, result.stderr
+    steps, _ = read_metrics(tmp_path / "run")
+    assert all(r["loss"] == r["loss"] for r in steps) and f"cpu, {dtype}" in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_model_saves_plain_keys(train_run, tmp_path: Path) -> None:
+    result = train_run("train.max_iters=3", "train.eval_interval=3", "system.compile=true")
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert "lm_head.weight" in ckpt["model"]
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
