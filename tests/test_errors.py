@@ -69,6 +69,21 @@ def test_unknown_config_option(data_dir: Path, tmp_path: Path) -> None:
 def test_n_embd_not_divisible_by_n_head(data_dir: Path, tmp_path: Path) -> None:
     result = train(data_dir, tmp_path, "model.n_embd=30", "model.n_head=4")
     assert_user_error(result, "model.n_embd=30 is not divisible by model.n_head=4")
+    assert not (tmp_path / "out").exists()  # checked before the run directory is created
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("system.seed=-1", "system.seed must be in [0, 2^32), got -1"),
+        ("system.device=cuda:x", "bad system.device 'cuda:x'"),
+        ("system.device=tpu", "unknown system.device 'tpu'"),
+        ("train.total_batch_size=1000", "train.total_batch_size=1000 is not divisible by"),
+    ],
+)
+def test_bad_system_and_batch_settings(data_dir: Path, tmp_path: Path, override: str, fragment: str) -> None:
+    assert_user_error(train(data_dir, tmp_path, override), fragment)
+    assert not (tmp_path / "out").exists()
 
 
 def test_nonexistent_checkpoint(tmp_path: Path) -> None:
@@ -102,9 +117,12 @@ def test_bad_sampling_settings(trained_run: Path, override: str, fragment: str) 
     assert_user_error(run_script("sample", f"ckpt={trained_run}", override), fragment)
 
 
-def test_missing_prompt_file(trained_run: Path, tmp_path: Path) -> None:
+def test_missing_or_binary_prompt_file(trained_run: Path, tmp_path: Path) -> None:
     result = run_script("sample", f"ckpt={trained_run}", f"start=FILE:{tmp_path / 'none.txt'}")
     assert_user_error(result, "prompt file", "does not exist")
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    assert_user_error(run_script("sample", f"ckpt={trained_run}", f"start=FILE:{binary}"), "cannot read prompt file")
 
 
 def test_checkpoint_vocab_must_match_the_data(trained_run: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -15,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from hydragpt.engine.checkpoint import clean_state_dict, load_checkpoint
+from hydragpt.engine.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from hydragpt.errors import UserError
 from tests.conftest import DEBUG_RUN, REPO
 
 
@@ -82,6 +84,22 @@ def test_checkpoint_contract(trained_run: Path) -> None:
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
 
 
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def write_half_then_fail(obj: object, f) -> None:  # a crash or a full disk in the middle of a write
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*No space left on device"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
 def test_wrapper_prefixes_are_stripped() -> None:
     weights = torch.zeros(1)
     cleaned = clean_state_dict({"_orig_mod.module.lm_head.weight": weights, "module.wpe": weights, "x": weights})
@@ -119,15 +137,72 @@ def test_resume_refuses_shape_changes(train_run, trained_run: Path, tmp_path: Pa
 
 
 def test_init_from_checkpoint_starts_a_new_run(train_run, trained_run: Path, tmp_path: Path) -> None:
-    saved = load_checkpoint(trained_run)
+    _, saved_evals = read_metrics(trained_run)
     result = train_run(
-        f"train.init_from={trained_run / 'checkpoints' / 'last.pt'}", "train.eval_only=true", "model=tiny_cpu"
-    )  # the checkpoint decides the shape
+        f"train.init_from={trained_run / 'checkpoints' / 'last.pt'}",
+        "train.eval_only=true",
+        "model=tiny_cpu",  # ignored: the checkpoint decides the shape
+    )
     assert result.returncode == 0, result.stderr
     _, evals = read_metrics(tmp_path / "run")
     assert len(evals) == 1 and evals[0]["iter"] == 0
-    assert evals[0]["val_loss"] == pytest.approx(saved["best_val_loss"], abs=1e-4)
+    assert evals[0]["val_loss"] == pytest.approx(saved_evals[-1]["val_loss"], abs=1e-4)
+    assert "block 32" in result.stdout  # debug's block, not tiny_cpu's 64
     assert not (tmp_path / "run" / "checkpoints").exists()  # eval_only writes no checkpoint
+
+
+def test_init_from_with_a_shorter_context(train_run, trained_run: Path, tmp_path: Path) -> None:
+    result = train_run(f"train.init_from={trained_run}", "train.crop_block_size=16", "train.max_iters=2")
+    assert result.returncode == 0, result.stderr
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["model_config"]["block_size"] == 16 and ckpt["model"]["transformer.wpe.weight"].shape[0] == 16
+    assert ckpt["config"]["model"]["block_size"] == 16  # the recorded config is the shape actually built
+    refused = train_run(f"train.init_from={trained_run}", "train.crop_block_size=64", run_dir=tmp_path / "other")
+    assert refused.returncode == 2 and "larger than the checkpoint's block_size 32" in refused.stderr
+
+
+def test_gradient_accumulation_matches_the_larger_batch(train_run, tmp_path: Path) -> None:
+    """batch 4 x 1 micro-step and batch 2 x 2 micro-steps see the same windows and take the same steps."""
+    common = ("train.max_iters=5", "train.eval_interval=5")
+    assert train_run(*common, "train.batch_size=4", run_dir=tmp_path / "a").returncode == 0
+    assert train_run(*common, "train.batch_size=2", "train.grad_accum_steps=2", run_dir=tmp_path / "b").returncode == 0
+    losses_a = [r["loss"] for r in read_metrics(tmp_path / "a")[0]]
+    losses_b = [r["loss"] for r in read_metrics(tmp_path / "b")[0]]
+    assert len(losses_a) == 5 and losses_a == pytest.approx(losses_b, rel=1e-5)
+
+
+def test_resume_after_a_kill_rewrites_the_lost_steps(train_run, tmp_path: Path) -> None:
+    """Metrics logged after the last checkpoint are dropped on resume and made again: no duplicates."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train_run("train.max_iters=8", "train.eval_interval=4", run_dir=straight).returncode == 0
+    assert train_run("train.max_iters=4", "train.eval_interval=4", run_dir=killed).returncode == 0
+    with open(killed / "metrics.jsonl", "a") as f:  # what a process killed at iter 6 had logged past step 4
+        f.write(json.dumps({"iter": 4, "loss": 9.0}) + "\n" + json.dumps({"iter": 5, "loss": 9.0}) + "\n")
+    result = train_run(f"resume={killed}", "train.max_iters=8", run_dir=killed)
+    assert result.returncode == 0, result.stderr
+    (steps, evals), (straight_steps, straight_evals) = read_metrics(killed), read_metrics(straight)
+    assert [(r["iter"], r["loss"]) for r in steps] == [(r["iter"], r["loss"]) for r in straight_steps]
+    assert [r["iter"] for r in evals] == [r["iter"] for r in straight_evals] == [0, 4, 8]
+
+
+def test_resume_without_last_checkpoint_uses_best(train_run, tmp_path: Path) -> None:
+    """always_save_checkpoint=false writes last.pt only at the end: an interrupted run resumes from best.pt."""
+    run = tmp_path / "run"
+    assert train_run("train.max_iters=6", "train.eval_interval=3", "train.always_save_checkpoint=false").returncode == 0
+    (run / "checkpoints" / "last.pt").unlink()
+    best_step = load_checkpoint(run / "checkpoints" / "best.pt")["step"]
+    result = train_run(f"resume={run}", "train.max_iters=9", run_dir=run)
+    assert result.returncode == 0, result.stderr
+    assert f"from iter {best_step}" in result.stdout
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 9
+
+
+def test_resume_into_float16_from_a_float32_run(train_run, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train_run("train.max_iters=2", "train.eval_interval=2").returncode == 0
+    result = train_run(f"resume={run}", "train.max_iters=4", "system.dtype=float16", run_dir=run)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(run)["scaler"]["scale"] > 0  # the float16 run saved its grad scaler
 
 
 def test_two_runs_never_share_a_directory(data_dir: Path, tmp_path: Path) -> None:
@@ -196,7 +271,8 @@ def test_mixed_precision_on_cpu(train_run, tmp_path: Path, dtype: str) -> None:
     result = train_run("train.max_iters=3", "train.eval_interval=3", f"system.dtype={dtype}")
     assert result.returncode == 0, result.stderr
     steps, _ = read_metrics(tmp_path / "run")
-    assert all(r["loss"] == r["loss"] for r in steps) and f"cpu, {dtype}" in result.stdout
+    assert all(math.isfinite(r["loss"]) for r in steps) and f"cpu, {dtype}" in result.stdout
+    assert bool(load_checkpoint(tmp_path / "run")["scaler"]) == (dtype == "float16")  # a scaler only for fp16
 
 
 @pytest.mark.slow

@@ -95,6 +95,7 @@ class TrainLoopConfig:
     always_save_checkpoint: bool
     eval_only: bool
     init_from: str
+    crop_block_size: Optional[int]
 
 
 @dataclass
@@ -172,7 +173,13 @@ def validate_model(m: GPTConfig) -> None:
 
 
 def validate_device(device: str, key: str) -> None:
-    _choice(device.split(":")[0], DEVICES, key)
+    kind, _, index = device.partition(":")
+    _choice(kind, DEVICES, key)
+    _require(
+        not index or (index.isdigit() and kind == "cuda"),
+        f"bad {key} '{device}'",
+        "use auto, cpu, mps, cuda or cuda:<index>",
+    )
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -184,12 +191,21 @@ def validate_train(cfg: TrainConfig) -> None:
     for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}", "set a positive count")
     _require(
-        (t.grad_accum_steps is None) != (t.total_batch_size is None),
-        "set exactly one of train.grad_accum_steps and train.total_batch_size",
-        "e.g. train.grad_accum_steps=1 train.total_batch_size=null",
+        t.grad_accum_steps is not None or t.total_batch_size is not None,
+        "train.grad_accum_steps and train.total_batch_size are both null",
+        "set train.grad_accum_steps=1, or the tokens per step in train.total_batch_size",
     )
-    if t.grad_accum_steps is not None:
+    if t.total_batch_size is not None:
+        _require(t.total_batch_size >= 1, "train.total_batch_size must be >= 1", "or null to use grad_accum_steps")
+    elif t.grad_accum_steps is not None:
         _require(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
+    if t.crop_block_size is not None:
+        _require(t.crop_block_size >= 1, "train.crop_block_size must be >= 1", "or null to keep the block size")
+    _require(
+        0 <= cfg.system.seed < 2**32,
+        f"system.seed must be in [0, 2^32), got {cfg.system.seed}",
+        "use a non-negative 32-bit seed, e.g. 1337",
+    )
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
     _choice(cfg.optim.name, OPTIMIZERS, "optim")
     _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")
@@ -215,10 +231,10 @@ def validate_train(cfg: TrainConfig) -> None:
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
-    """Micro-steps per optimizer step: given directly, or derived from the total tokens per step."""
-    if t.grad_accum_steps is not None:
+    """Micro-steps per optimizer step: derived from the total tokens per step when that is set, else given."""
+    if t.total_batch_size is None:
+        assert t.grad_accum_steps is not None
         return t.grad_accum_steps
-    assert t.total_batch_size is not None
     per_micro_step = t.batch_size * block_size * world_size
     if t.total_batch_size % per_micro_step != 0:
         nearest = per_micro_step * math.ceil(t.total_batch_size / per_micro_step)

@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -45,9 +45,22 @@ def _full_error_wanted() -> bool:
 _user_wants_traceback = _full_error_wanted()
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_EXIT)
+
+
+def exit_on_user_error(check: Callable[[], Any]) -> None:
+    """Run `check` where Hydra swallows exceptions (its callbacks): a `UserError` exits at once.
+
+    With HYDRA_FULL_ERROR=1 the check is skipped, so the same mistake surfaces later with its traceback.
+    """
+    if _user_wants_traceback:
+        return
+    try:
+        check()
+    except UserError as ex:
+        _exit_with(str(ex))
 
 
 def _blocks(lines: list[str]) -> list[list[str]]:

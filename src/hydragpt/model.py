@@ -29,18 +29,6 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
 
-    @property
-    def shape(self) -> dict[str, int | bool | None]:
-        """The fields that decide the parameter tensors' shapes (everything but name and dropout)."""
-        return {
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_embd": self.n_embd,
-            "block_size": self.block_size,
-            "vocab_size": self.vocab_size,
-            "bias": self.bias,
-        }
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:

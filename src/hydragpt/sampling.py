@@ -90,7 +90,10 @@ def read_prompt(start: str) -> str:
     path = Path(start.removeprefix(FILE_PREFIX)).expanduser()
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist", "use start=FILE:<path of a text file>")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as ex:
+        raise UserError(f"cannot read prompt file {path}: {ex}", "give a readable UTF-8 text file") from ex
 
 
 def load_model(ckpt: dict, device: torch.device) -> tuple[GPT, Tokenizer]:

@@ -15,13 +15,14 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydragpt.config import train_config
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.engine.trainer import Trainer
-from hydragpt.errors import UserError
+from hydragpt.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("hydragpt.train")
 
@@ -118,11 +119,25 @@ def train(cfg: DictConfig) -> float:
         overrides = list(hydra_cfg.overrides.task)
         saved_config = {**resume_from["config"], "resume": cfg.resume}
         run_config = apply_resume_overrides(saved_config, resume_from["config_choices"], overrides)
-        _record_resume(run_dir, run_config, overrides)
-        log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
     typed = train_config(run_config)
     choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
-    return Trainer(typed, run_dir, run_config, choices, resume_from=resume_from).fit()
+    trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from)
+    if resume_from:  # only once the resumed config has proven valid
+        _record_resume(run_dir, run_config, overrides)
+        log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
+    return trainer.fit()
+
+
+class ValidateConfigCallback(Callback):
+    """Checks the config before Hydra creates the run directory, so a typo leaves no empty run behind.
+
+    Registered in conf/hydra/default.yaml. A resumed run is checked later, against its saved config.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("resume"):
+            task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+            exit_on_user_error(lambda: train_config(task_config))
 
 
 def _group_choices(hydra_cfg: DictConfig) -> dict[str, str]:

@@ -72,6 +72,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as ex:  # typically a full disk: the previous checkpoint is untouched
+        raise UserError(
+            f"could not write checkpoint {path}: {ex.strerror or ex}",
+            "free disk space or move paths.output_dir; the previous checkpoint is intact",
+        ) from ex
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -105,10 +110,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (meaning its checkpoints/last.pt)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        candidate = p / CHECKPOINT_DIR / "last.pt"
-        if not candidate.is_file():
-            raise UserError(f"no checkpoint in {p}: {candidate} not found", "give a run directory that has saved one")
-        return candidate
+        # the newest of last.pt and best.pt: with always_save_checkpoint=false, best.pt may be newer
+        candidates = [c for c in (p / CHECKPOINT_DIR / "last.pt", p / CHECKPOINT_DIR / "best.pt") if c.is_file()]
+        if not candidates:
+            raise UserError(f"no checkpoint in {p / CHECKPOINT_DIR}", "give a run directory that has saved one")
+        return max(candidates, key=lambda c: c.stat().st_mtime_ns)
     if not p.is_file():
         raise UserError(f"checkpoint '{path}' does not exist", "give the path of a .pt file or of a run directory")
     return p
@@ -123,7 +129,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if isinstance(ex, MemoryError):
             raise
         raise UserError(
-            f"{p} is not a readable hydragpt checkpoint ({str(ex).splitlines()[0][:120]})",
+            f"{p} is not a readable hydragpt checkpoint ({type(ex).__name__})",
             "it may be truncated or not a checkpoint at all; use checkpoints/last.pt or best.pt of a run",
         ) from ex
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -23,8 +23,18 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available", "use system=cpu or system.device=auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device '{name}' requested but CUDA is not available", "use system=cpu or system.device=auto"
+            )
+        if device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise UserError(
+                    f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) are visible",
+                    "use cuda:0 .. cuda:N-1, or check CUDA_VISIBLE_DEVICES",
+                )
+            torch.cuda.set_device(device)  # so pinned memory, autocast and device queries use this GPU
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device '{name}' requested but MPS is not available", "use system.device=cpu or auto")
     return device
@@ -34,7 +44,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on GPUs that support it (float16 on older ones), float32 elsewhere."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native_bf16 else torch.float16  # pre-Ampere GPUs only emulate bf16
         return torch.float32
     return DTYPES[name]
 

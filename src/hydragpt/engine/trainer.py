@@ -31,7 +31,7 @@ from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
 from hydragpt.errors import UserError
-from hydragpt.loggers import build_loggers
+from hydragpt.loggers import build_loggers, trim_metrics
 from hydragpt.model import GPT, GPTConfig
 from hydragpt.plot import plot_run
 
@@ -56,7 +56,6 @@ class Trainer:
         loaded checkpoint of this same run to continue from."""
         self.cfg = cfg
         self.run_dir = run_dir
-        self.run_config = run_config
         self.config_choices = config_choices
         self.ckpt_dir = run_dir / CHECKPOINT_DIR
         t = cfg.train
@@ -72,6 +71,7 @@ class Trainer:
             init_ckpt = load_checkpoint(t.init_from)
         self.model_config = self._model_config(init_ckpt, resumed=resume_from is not None)
         self.data.require_block(self.model_config.block_size)
+        self.run_config = {**run_config, "model": asdict(self.model_config)}  # the shape actually built
 
         self.raw_model = GPT(self.model_config) if init_ckpt is None else self._model_from_checkpoint(init_ckpt)
         self.raw_model.to(self.device)
@@ -92,7 +92,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0
         self.best_val_loss = math.inf
-        if resume_from is not None:
+        self.resumed = resume_from is not None
+        if self.resumed:
             self.load_state_dict(resume_from)
 
         self.model: torch.nn.Module = torch.compile(self.raw_model) if cfg.system.compile else self.raw_model
@@ -121,11 +122,17 @@ class Trainer:
         if resumed:
             return replace(saved, dropout=wanted.dropout)
         # a new run from saved weights: the checkpoint decides the shape; only dropout comes from the
-        # config, and the context may be cropped shorter
-        block_size = min(saved.block_size, wanted.block_size)
-        if block_size < saved.block_size:
-            log.info("cropping block_size from %d to %d", saved.block_size, block_size)
-        return replace(saved, dropout=wanted.dropout, block_size=block_size)
+        # config, and train.crop_block_size may shorten the context
+        crop = self.cfg.train.crop_block_size
+        if crop is None:
+            return replace(saved, dropout=wanted.dropout)
+        if crop > saved.block_size:
+            raise UserError(
+                f"train.crop_block_size={crop} is larger than the checkpoint's block_size {saved.block_size}",
+                "learned positions cannot grow: use a value up to the checkpoint's, or null",
+            )
+        log.info("cropping block_size from %d to %d", saved.block_size, crop)
+        return replace(saved, dropout=wanted.dropout, block_size=crop)
 
     def _model_from_checkpoint(self, ckpt: dict[str, Any]) -> GPT:
         """Build at the saved size, load the weights, then crop the context if this run wants it shorter."""
@@ -159,7 +166,8 @@ class Trainer:
         config from here on."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the saved run did not use float16
+            self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"]
@@ -179,7 +187,7 @@ class Trainer:
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over `grad_accum` micro-batches: (mean loss, grad norm, lr used)."""
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
@@ -221,6 +229,8 @@ class Trainer:
     def fit(self) -> float:
         """Train to `train.max_iters` (or only evaluate, with `eval_only`); returns the best val loss."""
         t = self.cfg.train
+        if self.resumed:
+            trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
         self.loggers = build_loggers(self.cfg.logger, self.run_dir)
         self._log_setup()
         self.start_time = time.perf_counter()

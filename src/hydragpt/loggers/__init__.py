@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -71,6 +72,18 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path) -> list[MetricsLogger]:
     if cfg.name != "default":
         raise UserError(f"unknown logger '{cfg.name}'", "use logger=default")
     return [ConsoleLogger(), JsonlLogger(run_dir / METRICS_FILE)]
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop records past `step` (a resumed run's checkpoint): steps from `step` on and evaluations after
+    it were made by the interrupted process and will be made again. Rewritten atomically."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(run_dir) if r["iter"] < step or ("val_loss" in r and r["iter"] == step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
