@@ -1,6 +1,6 @@
 """What `scripts/train.py` runs: Hydra's config -> typed config -> Trainer, and `resume=<run dir>`.
 
-Resuming continues a stopped run in its own directory. Its config is the one saved in the run's last
+Resuming continues a stopped run in its own directory. Its config is the one saved in the run's newest
 checkpoint, with this command line's `key=value` overrides applied on top (max_iters, intervals, lr...);
 overrides that would change the model's shape or the dataset are refused.
 """
