@@ -79,11 +79,26 @@ def test_n_embd_not_divisible_by_n_head(data_dir: Path, tmp_path: Path) -> None:
         ("system.device=cuda:x", "bad system.device 'cuda:x'"),
         ("system.device=tpu", "unknown system.device 'tpu'"),
         ("train.total_batch_size=1000", "train.total_batch_size=1000 is not divisible by"),
+        ("system.device=cuda:", "bad system.device 'cuda:'"),
+        ("optim.eps=-1", "optim.eps must be > 0"),
+        ("train.crop_block_size=8", "train.crop_block_size only applies with train.init_from"),
+        ("data.name=../../elsewhere", "data.name '../../elsewhere' is not a plain directory name"),
     ],
 )
 def test_bad_system_and_batch_settings(data_dir: Path, tmp_path: Path, override: str, fragment: str) -> None:
     assert_user_error(train(data_dir, tmp_path, override), fragment)
     assert not (tmp_path / "out").exists()
+
+
+def test_unusable_output_directory(data_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_script("train", *DEBUG_RUN, f"paths.data_dir={data_dir}", f"paths.output_dir={blocker}")
+    assert_user_error(result, "Not a directory", str(blocker))
+
+
+def test_sample_seed_out_of_range(trained_run: Path) -> None:
+    assert_user_error(run_script("sample", f"ckpt={trained_run}", "seed=-1"), "seed must be in [0, 2^32), got -1")
 
 
 def test_nonexistent_checkpoint(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ import yaml
 
 from hydragpt.engine.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from hydragpt.errors import UserError
+from hydragpt.loggers import read_metrics as read_run_metrics
+from hydragpt.loggers import trim_metrics
 from tests.conftest import DEBUG_RUN, REPO
 
 
@@ -195,6 +197,23 @@ def test_resume_without_last_checkpoint_uses_best(train_run, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert f"from iter {best_step}" in result.stdout
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 9
+
+
+def test_run_directory_resolves_to_the_later_step_not_the_newer_file(tmp_path: Path) -> None:
+    """Copies need not keep file times: a run directory means the checkpoint with the higher step."""
+    checkpoints = tmp_path / "checkpoints"
+    save_checkpoint(checkpoints / "last.pt", {"step": 10})
+    save_checkpoint(checkpoints / "best.pt", {"step": 8})  # written later, so the newer file
+    assert load_checkpoint(tmp_path)["step"] == 10
+    save_checkpoint(checkpoints / "best.pt", {"step": 12})
+    assert load_checkpoint(tmp_path)["step"] == 12
+
+
+def test_a_torn_metrics_line_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 4.2}\n{"iter": 1, "lo')
+    assert read_run_metrics(tmp_path) == [{"iter": 0, "loss": 4.2}]
+    trim_metrics(tmp_path, step=1)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 0, "loss": 4.2}\n'
 
 
 def test_resume_into_float16_from_a_float32_run(train_run, tmp_path: Path) -> None:

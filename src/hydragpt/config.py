@@ -172,11 +172,15 @@ def validate_model(m: GPTConfig) -> None:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}", "e.g. 0.0 or 0.2")
 
 
+def validate_seed(seed: int, key: str) -> None:
+    _require(0 <= seed < 2**32, f"{key} must be in [0, 2^32), got {seed}", "use a non-negative 32-bit seed, e.g. 1337")
+
+
 def validate_device(device: str, key: str) -> None:
-    kind, _, index = device.partition(":")
+    kind, colon, index = device.partition(":")
     _choice(kind, DEVICES, key)
     _require(
-        not index or (index.isdigit() and kind == "cuda"),
+        not colon or (kind == "cuda" and index.isdigit() and len(index) <= 4),
         f"bad {key} '{device}'",
         "use auto, cpu, mps, cuda or cuda:<index>",
     )
@@ -201,11 +205,9 @@ def validate_train(cfg: TrainConfig) -> None:
         _require(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
     if t.crop_block_size is not None:
         _require(t.crop_block_size >= 1, "train.crop_block_size must be >= 1", "or null to keep the block size")
-    _require(
-        0 <= cfg.system.seed < 2**32,
-        f"system.seed must be in [0, 2^32), got {cfg.system.seed}",
-        "use a non-negative 32-bit seed, e.g. 1337",
-    )
+    validate_seed(cfg.system.seed, "system.seed")
+    if t.crop_block_size is not None:
+        _require(t.init_from != "scratch", "train.crop_block_size only applies with train.init_from", "or set it null")
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
     _choice(cfg.optim.name, OPTIMIZERS, "optim")
     _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")
@@ -214,6 +216,8 @@ def validate_train(cfg: TrainConfig) -> None:
         "optim betas must be in [0, 1)",
         "e.g. 0.9, 0.95",
     )
+    _require(cfg.optim.eps > 0, f"optim.eps must be > 0, got {cfg.optim.eps}", "e.g. 1e-8")
+    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0", "e.g. 0.1, or 0 to disable")
     _choice(cfg.lr.name, LR_SCHEDULES, "lr schedule")
     _require(cfg.lr.warmup_iters >= 0, "lr.warmup_iters must be >= 0", "use 0 for no warmup")
     _require(
@@ -225,6 +229,7 @@ def validate_train(cfg: TrainConfig) -> None:
     validate_device(cfg.system.device, "system.device")
     _choice(cfg.system.dtype, DTYPES, "system.dtype")
     _choice(cfg.system.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
+    validate_data_name(cfg.data.name)
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _require(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
     _choice(cfg.ddp.name, ("none",), "ddp")
@@ -246,10 +251,19 @@ def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -
     return t.total_batch_size // per_micro_step
 
 
+def validate_data_name(name: str) -> None:
+    _require(
+        bool(name) and "/" not in name and "\\" not in name and name not in (".", ".."),
+        f"data.name '{name}' is not a plain directory name",
+        "datasets live directly under paths.data_dir: use a name such as shakespeare_char",
+    )
+
+
 def train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
     typed = to_dataclass(cfg, TrainConfig)
     validate_train(typed)
-    grad_accum_steps(typed.train, typed.model.block_size)
+    if typed.train.init_from == "scratch":  # from a checkpoint, the block size is only known once loaded
+        grad_accum_steps(typed.train, typed.model.block_size)
     return typed
 
 
@@ -270,11 +284,13 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
     )
     validate_device(typed.device, "device")
     _choice(typed.dtype, DTYPES, "dtype")
+    validate_seed(typed.seed, "seed")
     return typed
 
 
 def prepare_config(cfg: DictConfig) -> PrepareConfig:
     typed = to_dataclass(cfg, PrepareConfig)
+    validate_data_name(typed.data.name)
     _choice(typed.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _require(0 < typed.data.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
     return typed

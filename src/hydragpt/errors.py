@@ -63,6 +63,13 @@ def exit_on_user_error(check: Callable[[], Any]) -> None:
         _exit_with(str(ex))
 
 
+def _file_system_error(ex: OSError) -> str:
+    """The file system refused: an unwritable or missing directory, a file where a directory should be, a
+    full disk. The user's to fix, so one line rather than a traceback."""
+    where = f": {ex.filename}" if ex.filename else ""
+    return f"{ex.strerror or ex}{where} (check paths.output_dir, paths.data_dir, permissions and free space)"
+
+
 def _blocks(lines: list[str]) -> list[list[str]]:
     """Split message lines into blocks: a "Header:" line with the items below it, or a lone line."""
     blocks: list[list[str]] = []
@@ -113,10 +120,10 @@ def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
-        except UserError as ex:
+        except (UserError, OSError) as ex:
             if _user_wants_traceback:
                 raise
-            _exit_with(str(ex))
+            _exit_with(_file_system_error(ex) if isinstance(ex, OSError) else str(ex))
 
     return wrapped
 
@@ -138,6 +145,8 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         hydra_main()
     except UserError as ex:
         _exit_with(str(ex))
+    except OSError as ex:
+        _exit_with(_file_system_error(ex))
     except (HydraException, OmegaConfBaseException) as ex:
         cause = _user_error_cause(ex)  # e.g. raised by one of our resolvers while Hydra composed
         _exit_with(str(cause) if cause else _one_line(ex))

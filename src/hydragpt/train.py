@@ -83,7 +83,8 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
         try:
             OmegaConf.update(config, key, override.value(), merge=False)
         except OmegaConfBaseException as ex:
-            raise UserError(f"cannot apply '{override.input_line}' when resuming: {ex}", "check the key") from ex
+            reason = str(ex).splitlines()[0]
+            raise UserError(f"cannot apply '{override.input_line}' when resuming: {reason}", "check the key") from ex
     result = OmegaConf.to_container(config, resolve=True)
     for key in FROZEN_ON_RESUME:
         before, after = OmegaConf.select(OmegaConf.create(saved), key), OmegaConf.select(config, key)

@@ -110,21 +110,26 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (meaning its checkpoints/last.pt)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        # the newest of last.pt and best.pt: with always_save_checkpoint=false, best.pt may be newer
+        # the later of last.pt and best.pt: with always_save_checkpoint=false, best.pt may be ahead
         candidates = [c for c in (p / CHECKPOINT_DIR / "last.pt", p / CHECKPOINT_DIR / "best.pt") if c.is_file()]
         if not candidates:
             raise UserError(f"no checkpoint in {p / CHECKPOINT_DIR}", "give a run directory that has saved one")
-        return max(candidates, key=lambda c: c.stat().st_mtime_ns)
+        return max(candidates, key=_saved_step)  # max keeps the first (last.pt) on a tie
     if not p.is_file():
         raise UserError(f"checkpoint '{path}' does not exist", "give the path of a .pt file or of a run directory")
     return p
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def _saved_step(path: Path) -> int:
+    """The step a checkpoint was saved at, read without loading its tensors into memory."""
+    return load_checkpoint(path, mmap=True)["step"]
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load and sanity-check a checkpoint; a missing, foreign or corrupt file is a `UserError`."""
     p = resolve_checkpoint_path(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as ex:  # torch.load fails on foreign bytes with many exception types
         if isinstance(ex, MemoryError):
             raise

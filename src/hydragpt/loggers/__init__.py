@@ -90,4 +90,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{path} not found", "give a run directory written by scripts/train.py")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash or a full disk
+            if line.strip("\x00 "):
+                log.warning("%s:%d is not valid JSON; skipped", path, number)
+    return records
