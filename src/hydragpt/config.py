@@ -190,8 +190,7 @@ def validate_train(cfg: TrainConfig) -> None:
     """All the cross-field checks that need no data or hardware; run once, before any work."""
     validate_model(cfg.model)
     t = cfg.train
-    for key in ("max_iters",):
-        _require(getattr(t, key) >= 0, f"train.{key} must be >= 0", "set a non-negative count")
+    _require(t.max_iters >= 0, "train.max_iters must be >= 0", "set a non-negative count")
     for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}", "set a positive count")
     _require(
@@ -205,9 +204,8 @@ def validate_train(cfg: TrainConfig) -> None:
         _require(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
     if t.crop_block_size is not None:
         _require(t.crop_block_size >= 1, "train.crop_block_size must be >= 1", "or null to keep the block size")
-    validate_seed(cfg.system.seed, "system.seed")
-    if t.crop_block_size is not None:
         _require(t.init_from != "scratch", "train.crop_block_size only applies with train.init_from", "or set it null")
+    validate_seed(cfg.system.seed, "system.seed")
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
     _choice(cfg.optim.name, OPTIMIZERS, "optim")
     _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")
@@ -229,9 +227,7 @@ def validate_train(cfg: TrainConfig) -> None:
     validate_device(cfg.system.device, "system.device")
     _choice(cfg.system.dtype, DTYPES, "system.dtype")
     _choice(cfg.system.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
-    validate_data_name(cfg.data.name)
-    _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
-    _require(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
+    validate_data(cfg.data)
     _choice(cfg.ddp.name, ("none",), "ddp")
 
 
@@ -251,12 +247,14 @@ def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -
     return t.total_batch_size // per_micro_step
 
 
-def validate_data_name(name: str) -> None:
+def validate_data(d: DataConfig) -> None:
     _require(
-        bool(name) and "/" not in name and "\\" not in name and name not in (".", ".."),
-        f"data.name '{name}' is not a plain directory name",
+        bool(d.name) and "/" not in d.name and "\\" not in d.name and d.name not in (".", ".."),
+        f"data.name '{d.name}' is not a plain directory name",
         "datasets live directly under paths.data_dir: use a name such as shakespeare_char",
     )
+    _choice(d.tokenizer, TOKENIZERS, "data.tokenizer")
+    _require(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
 
 
 def train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
@@ -290,7 +288,5 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
 
 def prepare_config(cfg: DictConfig) -> PrepareConfig:
     typed = to_dataclass(cfg, PrepareConfig)
-    validate_data_name(typed.data.name)
-    _choice(typed.data.tokenizer, TOKENIZERS, "data.tokenizer")
-    _require(0 < typed.data.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
+    validate_data(typed.data)
     return typed

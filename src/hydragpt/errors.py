@@ -145,10 +145,10 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         hydra_main()
     except UserError as ex:
         _exit_with(str(ex))
-    except OSError as ex:
-        _exit_with(_file_system_error(ex))
-    except (HydraException, OmegaConfBaseException) as ex:
+    except (HydraException, OmegaConfBaseException) as ex:  # before OSError: a missing config is an IOError too
         cause = _user_error_cause(ex)  # e.g. raised by one of our resolvers while Hydra composed
         _exit_with(str(cause) if cause else _one_line(ex))
+    except OSError as ex:
+        _exit_with(_file_system_error(ex))
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
