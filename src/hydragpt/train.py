@@ -63,6 +63,7 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
     `choices` are the saved run's config-group selections: repeating one (`model=debug` when the run
     used debug) is fine, so the original command line plus `resume=` works; changing one is refused.
     """
+    original = OmegaConf.create(saved)
     config = OmegaConf.create(saved)
     OmegaConf.set_struct(config, True)  # an unknown key is an error, not a new key
     try:
@@ -87,7 +88,7 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
             raise UserError(f"cannot apply '{override.input_line}' when resuming: {reason}", "check the key") from ex
     result = OmegaConf.to_container(config, resolve=True)
     for key in FROZEN_ON_RESUME:
-        before, after = OmegaConf.select(OmegaConf.create(saved), key), OmegaConf.select(config, key)
+        before, after = OmegaConf.select(original, key), OmegaConf.select(config, key)
         if before != after:
             raise UserError(
                 f"resume cannot change {key} from {before} to {after}: the saved weights and optimizer have the"
