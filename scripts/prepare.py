@@ -1,4 +1,4 @@
-"""Prepare a dataset: `python scripts/prepare.py data=shakespeare_char [data.source=<path or URL>]`."""
+"""Prepare a dataset: `python scripts/prepare.py data=shakespeare_gpt2 [data.source=<path, URL or hf:name>]`."""
 
 import hydra
 from omegaconf import DictConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# Copies GPT-2's BPE files into a tiktoken cache, so tiktoken.get_encoding("gpt2") works offline.
+SEED_TIKTOKEN_CACHE = REPO.parent / "shared" / "tools" / "seed-tiktoken-cache"
 # A small, fast model and run for tests: seconds on a CPU.
 DEBUG_RUN = [
     "model=debug",
@@ -52,6 +55,25 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "input.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """tiktoken's GPT-2 encoding, offline: a cache seeded from ../shared, for this process and its children."""
+    if not SEED_TIKTOKEN_CACHE.is_file():
+        pytest.skip("GPT-2's BPE files are not available offline (../shared/tools/seed-tiktoken-cache)")
+    cache = tmp_path_factory.mktemp("tiktoken")
+    subprocess.run([str(SEED_TIKTOKEN_CACHE), str(cache)], check=True, capture_output=True)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+
+
+def prepare_dataset(data_dir: Path, data: str, source: Path | str, *overrides: str) -> Path:
+    """Prepare `data=<data>` from `source` into data_dir, in this process; returns the dataset directory."""
+    from hydragpt.config import prepare_config
+    from hydragpt.data.prepare import prepare
+
+    cfg = compose_config("prepare", [f"data={data}", f"paths.data_dir={data_dir}", f"data.source={source}", *overrides])
+    return prepare(prepare_config(cfg))
 
 
 @pytest.fixture(scope="session")

@@ -108,8 +108,15 @@ def test_wrapper_prefixes_are_stripped() -> None:
     assert list(cleaned) == ["lm_head.weight", "wpe", "x"]
 
 
-def test_resume_reproduces_the_uninterrupted_losses(train_run, tmp_path: Path) -> None:
-    common = ("lr.decay_iters=40", "train.eval_interval=10", "lr.warmup_iters=5", "model.dropout=0.1")
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_resume_reproduces_the_uninterrupted_losses(train_run, tmp_path: Path, sampling: str) -> None:
+    common = (
+        "lr.decay_iters=40",
+        "train.eval_interval=10",
+        "lr.warmup_iters=5",
+        "model.dropout=0.1",
+        f"data.sampling={sampling}",
+    )
     straight, first = tmp_path / "straight", tmp_path / "resumed"
     assert train_run("train.max_iters=40", *common, run_dir=straight).returncode == 0
     assert train_run("train.max_iters=20", *common, run_dir=first).returncode == 0
@@ -163,9 +170,10 @@ def test_init_from_with_a_shorter_context(train_run, trained_run: Path, tmp_path
     assert refused.returncode == 2 and "larger than the checkpoint's block_size 32" in refused.stderr
 
 
-def test_gradient_accumulation_matches_the_larger_batch(train_run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_gradient_accumulation_matches_the_larger_batch(train_run, tmp_path: Path, sampling: str) -> None:
     """batch 4 x 1 micro-step and batch 2 x 2 micro-steps see the same windows and take the same steps."""
-    common = ("train.max_iters=5", "train.eval_interval=5")
+    common = ("train.max_iters=5", "train.eval_interval=5", f"data.sampling={sampling}")
     assert train_run(*common, "train.batch_size=4", run_dir=tmp_path / "a").returncode == 0
     assert train_run(*common, "train.batch_size=2", "train.grad_accum_steps=2", run_dir=tmp_path / "b").returncode == 0
     losses_a = [r["loss"] for r in read_metrics(tmp_path / "a")[0]]

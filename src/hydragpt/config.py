@@ -14,6 +14,7 @@ from typing import Any, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hydragpt.data.tokenizer import tiktoken_encodings
 from hydragpt.errors import UserError
 from hydragpt.model import GPTConfig
 
@@ -25,15 +26,25 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 OPTIMIZERS = ("adamw",)
 LR_SCHEDULES = ("cosine", "constant")
-TOKENIZERS = ("char",)
+VAL_SPLITS = ("tail", "docs", "head")
+SAMPLING = ("random", "sequential")
 
 
 @dataclass
 class DataConfig:
     name: str
-    source: str
+    source: Optional[str]
+    hf_name: Optional[str]
+    hf_split: str
+    streaming: bool
+    text_field: str
     tokenizer: str
-    val_fraction: float
+    val_split: str
+    val_fraction: Optional[float]
+    val_tokens: Optional[int]
+    split_seed: int
+    shard_tokens: int
+    sampling: str
 
 
 @dataclass
@@ -132,6 +143,18 @@ class PrepareConfig:
     data: DataConfig
     paths: PathsConfig
     overwrite: bool
+    workers: Optional[int]
+    task_mb: int
+
+
+@dataclass
+class PeekConfig:
+    data: DataConfig
+    paths: PathsConfig
+    split: str
+    offset: int
+    n_tokens: int
+    ids: bool
 
 
 Schema = TypeVar("Schema")
@@ -253,8 +276,24 @@ def validate_data(d: DataConfig) -> None:
         f"data.name '{d.name}' is not a plain directory name",
         "datasets live directly under paths.data_dir: use a name such as shakespeare_char",
     )
-    _choice(d.tokenizer, TOKENIZERS, "data.tokenizer")
-    _require(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)", "e.g. 0.1")
+    if d.tokenizer != "char":
+        _choice(d.tokenizer, ("char", *tiktoken_encodings()), "data.tokenizer")
+    _choice(d.val_split, VAL_SPLITS, "data.val_split")
+    _choice(d.sampling, SAMPLING, "data.sampling")
+    if d.val_split == "head":
+        _require(
+            d.val_tokens is not None and d.val_tokens >= 1,
+            f"data.val_split=head needs data.val_tokens >= 1, got {d.val_tokens}",
+            "e.g. data.val_tokens=100000000, the first shard",
+        )
+    else:
+        _require(
+            d.val_fraction is not None and 0 < d.val_fraction < 1,
+            f"data.val_split={d.val_split} needs data.val_fraction in (0, 1), got {d.val_fraction}",
+            "e.g. data.val_fraction=0.1",
+        )
+    _require(d.shard_tokens >= 1, "data.shard_tokens must be >= 1", "e.g. 100000000 (200 MB of uint16)")
+    validate_seed(d.split_seed, "data.split_seed")
 
 
 def train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
@@ -289,4 +328,15 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
 def prepare_config(cfg: DictConfig) -> PrepareConfig:
     typed = to_dataclass(cfg, PrepareConfig)
     validate_data(typed.data)
+    _require(typed.workers is None or typed.workers >= 1, "workers must be >= 1", "or null for every core")
+    _require(typed.task_mb >= 1, "task_mb must be >= 1", "e.g. 4")
+    return typed
+
+
+def peek_config(cfg: DictConfig) -> PeekConfig:
+    typed = to_dataclass(cfg, PeekConfig)
+    validate_data(typed.data)
+    _choice(typed.split, ("train", "val"), "split")
+    _require(typed.offset >= 0, "offset must be >= 0", "e.g. offset=0")
+    _require(typed.n_tokens >= 1, "n_tokens must be >= 1", "e.g. n_tokens=200")
     return typed

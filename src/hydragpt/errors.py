@@ -36,6 +36,10 @@ class UserError(Exception):
         self.what = what
         self.fix = fix
 
+    def __reduce__(self) -> tuple[type[UserError], tuple[str, str]]:
+        # raised in data-preparation worker processes and pickled back to the parent
+        return type(self), (self.what, self.fix)
+
 
 def _full_error_wanted() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")

@@ -54,6 +54,7 @@ FROZEN_ON_RESUME = (
     "model.bias",
     "data.name",
     "data.tokenizer",
+    "data.sampling",
 )
 
 

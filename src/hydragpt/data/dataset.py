@@ -1,7 +1,8 @@
-"""Prepared datasets on disk, and the loader that draws training batches from them.
+"""Prepared datasets on disk: `meta.json` plus each split's token shards, read as one memory-mapped array.
 
-A prepared dataset is a directory with `train.bin` and `val.bin` (uint16 token ids, memory-mapped once)
-and `meta.json` (tokenizer description, vocab size, token counts, source).
+A prepared dataset directory holds `train_000000.bin, ...` and `val_000000.bin, ...` (see `shards.py`) and
+`meta.json`: tokenizer description, vocab size, token dtype, source, and the shard list with each shard's
+token count. meta.json is written last, so its presence marks a finished preparation.
 """
 
 from __future__ import annotations
@@ -16,28 +17,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
+from hydragpt.data.shards import open_shard
+from hydragpt.data.tokenizer import Tokenizer, token_dtype, tokenizer_from_description
 from hydragpt.errors import UserError
 
 META_FILE = "meta.json"
-TOKEN_DTYPE = np.uint16
+META_FORMAT = 2
 SPLITS = ("train", "val")
-
-
-def split_path(dataset_dir: Path, split: str) -> Path:
-    return dataset_dir / f"{split}.bin"
 
 
 @dataclass
 class DatasetMeta:
+    format: int
     tokenizer: dict[str, Any]
     vocab_size: int
-    tokens: dict[str, int]
+    dtype: str
     source: str
+    documents: int
+    tokens: dict[str, int]  # per split
+    shards: dict[str, list[dict[str, Any]]]  # per split: [{"file": "train_000000.bin", "tokens": n}, ...]
 
 
-def write_meta(dataset_dir: Path, **fields: Any) -> None:
-    meta = DatasetMeta(**fields)
+def write_meta(dataset_dir: Path, meta: DatasetMeta) -> None:
     tmp = dataset_dir / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(asdict(meta), indent=2) + "\n")
     os.replace(tmp, dataset_dir / META_FILE)
@@ -46,27 +47,93 @@ def write_meta(dataset_dir: Path, **fields: Any) -> None:
 def read_meta(dataset_dir: Path) -> DatasetMeta:
     path = dataset_dir / META_FILE
     name = dataset_dir.name
+    redo = f"re-run `python scripts/prepare.py data={name} overwrite=true`"
     if not path.is_file():
         raise UserError(
             f"dataset '{name}' is not prepared: {path} not found",
             f"run `python scripts/prepare.py data={name}` first",
         )
     try:
-        return DatasetMeta(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as ex:
-        raise UserError(
-            f"{path} is not a valid dataset description", f"re-run prepare.py data={name} overwrite=true"
-        ) from ex
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as ex:
+        raise UserError(f"{path} is not a valid dataset description", redo) from ex
+    if not isinstance(raw, dict) or raw.get("format") != META_FORMAT:
+        raise UserError(f"{path} was written by another version of hydragpt's prepare", redo)
+    try:
+        return DatasetMeta(**raw)
+    except TypeError as ex:
+        raise UserError(f"{path} is not a valid dataset description", redo) from ex
+
+
+class SplitTokens:
+    """One split's shards seen as a single token array: windows may cross from one shard into the next."""
+
+    def __init__(self, shards: list[np.ndarray]) -> None:
+        self.shards = [s for s in shards if len(s)]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard, then the end
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, read across shard boundaries."""
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            local = start - int(self.starts[shard])
+            piece = self.shards[shard][local : local + length]
+            pieces.append(piece)
+            start, length, shard = start + len(piece), length - len(piece), shard + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """(len(starts), length) int64 windows; those inside one shard are gathered in one vectorised read."""
+        out = np.empty((len(starts), length), dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
+        offsets = np.arange(length)
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            local = starts[rows] - self.starts[shard]
+            inside = local + length <= len(self.shards[shard])
+            out[rows[inside]] = self.shards[shard][local[inside, None] + offsets]
+            for row in rows[~inside]:
+                out[row] = self.read(int(starts[row]), length)
+        return out
 
 
 class TokenDataset:
-    """The train and val token arrays of one prepared dataset, memory-mapped once and shared by loaders."""
+    """The train and val splits of one prepared dataset, memory-mapped once and shared by all loaders.
+
+    Each shard is mapped a single time for the life of the dataset (no re-opening per batch, no handle
+    growth); reads copy only the windows a batch needs.
+    """
 
     def __init__(self, dataset_dir: Path) -> None:
         self.dir = dataset_dir
         self.meta = read_meta(dataset_dir)
         self.tokenizer: Tokenizer = tokenizer_from_description(self.meta.tokenizer)
-        self.splits = {split: self._open(split) for split in SPLITS}
+        dtype = np.dtype(self.meta.dtype)
+        redo = f"re-run `python scripts/prepare.py data={dataset_dir.name} overwrite=true`"
+        if self.tokenizer.vocab_size != self.meta.vocab_size or dtype != token_dtype(self.meta.vocab_size):
+            raise UserError(
+                f"{dataset_dir / META_FILE} is inconsistent: vocab {self.meta.vocab_size} stored as {dtype.name}, "
+                f"tokenizer vocab {self.tokenizer.vocab_size}",
+                redo,
+            )
+        self.splits = {
+            split: SplitTokens(
+                [open_shard(dataset_dir / s["file"], dtype, s["tokens"]) for s in self.meta.shards.get(split, [])]
+            )
+            for split in SPLITS
+        }
+        for split, tokens in self.splits.items():
+            head = tokens.shards[0][:4096] if tokens.shards else np.empty(0, dtype)
+            if len(head) and int(head.max()) >= self.meta.vocab_size:
+                raise UserError(
+                    f"the {split} split of '{dataset_dir.name}' holds token id {int(head.max())}, outside its "
+                    f"vocabulary of {self.meta.vocab_size}",
+                    redo,
+                )
 
     def require_block(self, block_size: int) -> None:
         """Every split must hold at least one window of block_size inputs plus the next-token target."""
@@ -78,33 +145,19 @@ class TokenDataset:
                     "use a smaller model.block_size or a larger corpus",
                 )
 
-    def _open(self, split: str) -> np.ndarray:
-        path = split_path(self.dir, split)
-        redo = f"re-run `python scripts/prepare.py data={self.dir.name} overwrite=true`"
-        if not path.is_file():
-            raise UserError(f"{path} is missing", redo)
-        n_tokens = path.stat().st_size // np.dtype(TOKEN_DTYPE).itemsize
-        if n_tokens != self.meta.tokens.get(split):
-            raise UserError(f"{path} holds {n_tokens} tokens but meta.json says {self.meta.tokens.get(split)}", redo)
-        if n_tokens == 0:  # an empty file cannot be memory-mapped
-            return np.empty(0, dtype=TOKEN_DTYPE)
-        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
-
-def _windows_to_batch(
-    tokens: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets (len(starts), block_size), int64 on the device."""
-    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+def to_device_batch(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets from (n, block_size + 1) windows; pinned and non-blocking on CUDA."""
+    batch = torch.from_numpy(windows)
     if device.type == "cuda":
-        windows = windows.pin_memory().to(device, non_blocking=True)
+        batch = batch.pin_memory().to(device, non_blocking=True)
     else:
-        windows = windows.to(device)
-    return windows[:, :-1], windows[:, 1:]
+        batch = batch.to(device)
+    return batch[:, :-1], batch[:, 1:]
 
 
 def evaluation_batches(
-    tokens: np.ndarray, batch_size: int, block_size: int, n_batches: int, device: torch.device
+    tokens: SplitTokens, batch_size: int, block_size: int, n_batches: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`n_batches` batches of windows spread evenly over the whole split.
 
@@ -113,31 +166,4 @@ def evaluation_batches(
     """
     starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).astype(np.int64)
     for batch_starts in starts.reshape(n_batches, batch_size):
-        yield _windows_to_batch(tokens, batch_starts, block_size, device)
-
-
-class RandomBatchLoader:
-    """Batches of random windows of one split, as nanoGPT samples them.
-
-    The windows come from the loader's own seeded generator, not the global RNG: its state is the
-    loader's position, saved in checkpoints, so a resumed run draws exactly the batches the
-    uninterrupted run would have drawn.
-    """
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: torch.device):
-        self.tokens = tokens
-        self.batch_size = batch_size
-        self.block_size = block_size
-        self.device = device
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (batch_size, block_size) int64 on the device."""
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
-        return _windows_to_batch(self.tokens, starts.numpy(), self.block_size, self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        yield to_device_batch(tokens.windows(batch_starts, block_size + 1), device)

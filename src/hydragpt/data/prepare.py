@@ -1,107 +1,382 @@
-"""Dataset preparation: raw corpus -> token files + meta.json under `<paths.data_dir>/<data.name>/`.
+"""Dataset preparation: raw corpus -> token shards + meta.json under `<paths.data_dir>/<data.name>/`.
 
-The raw corpus comes from `data.source`, a local path or a URL. A URL is downloaded once into the dataset
-directory and reused from there, so a corpus placed there beforehand needs no network at all.
+The corpus is read as a stream of bounded batches (`sources.py`) and tokenized by a pool of worker
+processes, at most two batches per worker in flight, so memory stays flat however large the corpus.
+Results come back in order and are written into fixed-size shards per split (`shards.py`).
+
+The validation split (`data.val_split`):
+- `tail`: the last `val_fraction` of the corpus's characters, as nanoGPT splits a single text. Needs a
+  first pass that counts characters (which the char tokenizer needs anyway, for its vocabulary).
+- `docs`: each document independently, with probability `val_fraction` (seeded by `data.split_seed`).
+- `head`: the first `val_tokens` tokens of the stream, as build-nanogpt makes FineWeb's first shard val.
+Documents are separated by the tokenizer's separator (GPT-2's <|endoftext|>), the first has none.
+
+An interrupted preparation resumes: `progress.json` records, after every finished shard, how many
+batches are done and how far each split's partial shard got. Re-running continues from there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
 import time
-import urllib.error
-import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Any, TypeVar
 
 import numpy as np
+from tqdm import tqdm
 
 from hydragpt.config import PrepareConfig
-from hydragpt.data.dataset import META_FILE, TOKEN_DTYPE, split_path, write_meta
-from hydragpt.data.tokenizer import CharTokenizer
+from hydragpt.data.dataset import META_FILE, META_FORMAT, SPLITS, DatasetMeta, read_meta, write_meta
+from hydragpt.data.shards import PARTIAL_SUFFIX, ShardWriter
+from hydragpt.data.sources import JSONL, Batch, Source, batches, open_source
+from hydragpt.data.tokenizer import CHAR, CharTokenizer, TiktokenTokenizer, Tokenizer, token_dtype
 from hydragpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
+PROGRESS_FILE = "progress.json"
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
-def _is_url(source: str) -> bool:
-    return urlparse(source).scheme in ("http", "https", "ftp")
+
+# --- work done in the worker processes -------------------------------------------------------------
+
+_tokenizer: Tokenizer | None = None
 
 
-def fetch_source(source: str, dataset_dir: Path) -> Path:
-    """Local path of the raw corpus: `source` itself, or its download cached in `dataset_dir`."""
-    if not _is_url(source):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise UserError(f"data.source '{source}' does not exist", "point data.source at a text file or a URL")
-        return path
-    cached = dataset_dir / (Path(urlparse(source).path).name or "input.txt")
-    if cached.is_file():
-        log.info("using the corpus already downloaded at %s", cached)
-        return cached
-    log.info("downloading %s to %s", source, cached)
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(cached.name + ".part")
-    try:
-        with urllib.request.urlopen(source, timeout=60) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out)
-    except (urllib.error.URLError, OSError) as ex:
-        partial.unlink(missing_ok=True)
+def _init_worker(tokenizer: dict[str, Any] | None) -> None:
+    global _tokenizer
+    if tokenizer is None:
+        _tokenizer = None
+    elif tokenizer["kind"] == CHAR:
+        _tokenizer = CharTokenizer(tokenizer["chars"])
+    else:
+        _tokenizer = TiktokenTokenizer(tokenizer["name"])
+
+
+def _texts(batch: Batch, text_field: str) -> list[str]:
+    if batch.kind != JSONL:
+        return batch.records  # type: ignore[return-value]
+    texts = []
+    for line in batch.records:
+        try:
+            text = json.loads(line)[text_field]
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as ex:
+            raise UserError(f"{batch.origin} has a line that is not a JSON object: {line[:60]!r}", "fix it") from ex
+        except KeyError:
+            raise UserError(
+                f"{batch.origin} has a record without the field '{text_field}'",
+                "set data.text_field to the field holding the text",
+            ) from None
+        if not isinstance(text, str):
+            raise UserError(f"{batch.origin}: field '{text_field}' is not a string", "set data.text_field")
+        texts.append(text)
+    return texts
+
+
+@dataclass
+class Scanned:
+    chars: int
+    charset: str
+
+
+def _scan(task: tuple[Batch, str]) -> Scanned:
+    """First pass: characters in the batch and which ones occur."""
+    texts = _texts(*task)
+    return Scanned(sum(map(len, texts)), "".join(set().union(*map(set, texts))))
+
+
+@dataclass
+class Tokenized:
+    tokens: dict[str, np.ndarray]  # per split; `head` puts the whole stream under "train" for the parent to route
+    n_tokens: int
+
+
+@dataclass
+class SplitPlan:
+    mode: str  # tail | docs | head
+    val_from: int = 0  # tail: character offset in this batch where val starts (past the end: all train)
+    fraction: float = 0.0  # docs
+    seed: int = 0  # docs
+
+
+def _val_documents(doc_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Whether each document goes to val: a splitmix64 hash of (seed, index), so the choice of a document
+    never depends on how the corpus was batched."""
+    with np.errstate(over="ignore"):
+        z = doc_ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
+    batch, text_field, plan = task
+    assert _tokenizer is not None
+    encode, separator = _tokenizer.encode, _tokenizer.separator
+    texts = _texts(batch, text_field)
+    doc_ids = batch.next_document - 1 + np.cumsum(batch.starts_document)
+    in_val = _val_documents(doc_ids, plan.seed, plan.fraction) if plan.mode == "docs" else None
+    ids: dict[str, list[int]] = {split: [] for split in SPLITS}
+    offset = 0  # characters of the batch before this record (tail)
+    for i, (text, starts) in enumerate(zip(texts, batch.starts_document, strict=True)):
+        if not text:
+            continue
+        split = "val" if in_val is not None and in_val[i] else "train"
+        if plan.mode == "tail" and offset >= plan.val_from:
+            split = "val"
+        if starts and doc_ids[i] > 0 and separator is not None:
+            ids[split].append(separator)
+        if plan.mode == "tail" and offset < plan.val_from < offset + len(text):  # the split point is in here
+            cut = plan.val_from - offset
+            ids["train"].extend(encode(text[:cut]))
+            ids["val"].extend(encode(text[cut:]))
+        else:
+            ids[split].extend(encode(text))
+        offset += len(text)
+    dtype = token_dtype(_tokenizer.vocab_size)
+    tokens = {split: np.array(values, dtype=dtype) for split, values in ids.items()}
+    return Tokenized(tokens, sum(map(len, tokens.values())))
+
+
+def _ordered_map(
+    fn: Callable[[Item], Result],
+    items: Iterable[Item],
+    workers: int,
+    init_args: tuple[Any, ...],
+) -> Iterator[tuple[Item, Result]]:
+    """(item, fn(item)) for each item, in order, over a process pool with at most 2 x workers items in flight."""
+    if workers == 1:
+        _init_worker(*init_args)
+        for item in items:
+            yield item, fn(item)
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque[tuple[Item, Future[Result]]] = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(fn, item)))
+                if len(pending) >= 2 * workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+# --- the parent process --------------------------------------------------------------------------
+
+
+def _workers(requested: int | None) -> int:
+    return requested or len(os.sched_getaffinity(0))
+
+
+def _fingerprint(cfg: PrepareConfig) -> dict[str, Any]:
+    """What must not change between an interrupted preparation and the one that continues it."""
+    return {"data": asdict(cfg.data), "task_mb": cfg.task_mb}
+
+
+def _progress_bar(source: Source, desc: str) -> tqdm:
+    return tqdm(total=source.total_bytes, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True, disable=None)
+
+
+def _scan_corpus(cfg: PrepareConfig, dataset_dir: Path, workers: int) -> dict[str, Any]:
+    """Pass 1: characters per batch and the character set (for a `tail` split or the char tokenizer)."""
+    source = open_source(cfg.data, dataset_dir, cfg.task_mb * 2**20)
+    chars_per_batch, charset, documents = [], set(), 0
+    tasks = ((batch, cfg.data.text_field) for batch in batches(source.records, cfg.task_mb * 2**20))
+    with _progress_bar(source, "counting characters") as bar:
+        for (batch, _), scanned in _ordered_map(_scan, tasks, workers, (None,)):
+            chars_per_batch.append(scanned.chars)
+            charset.update(scanned.charset)
+            documents += batch.n_documents
+            bar.update(batch.n_bytes)
+    if documents > 1:
+        charset.add("\n")  # the char tokenizer's document separator
+    return {"chars_per_batch": chars_per_batch, "charset": "".join(sorted(charset))}
+
+
+def _load_progress(dataset_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    path = dataset_dir / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    progress = json.loads(path.read_text())
+    if progress.get("fingerprint") != fingerprint:
         raise UserError(
-            f"could not download {source}: {ex}",
-            f"download it yourself to {cached}, or set data.source=<local path>",
-        ) from ex
-    os.replace(partial, cached)
-    return cached
+            f"{dataset_dir} holds an interrupted preparation made with other settings",
+            "re-run with the same settings to continue it, or with overwrite=true to start over",
+        )
+    return progress
 
 
-def _write_tokens(path: Path, ids: list[int]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    np.asarray(ids, dtype=TOKEN_DTYPE).tofile(tmp)
-    os.replace(tmp, path)
+def _save_progress(dataset_dir: Path, progress: dict[str, Any]) -> None:
+    tmp = dataset_dir / (PROGRESS_FILE + ".tmp")
+    tmp.write_text(json.dumps(progress))
+    os.replace(tmp, dataset_dir / PROGRESS_FILE)
+
+
+def _remove_outputs(dataset_dir: Path) -> None:
+    """Delete prepared outputs (never a downloaded raw corpus cached beside them)."""
+    for path in dataset_dir.glob("*"):
+        if path.name in (META_FILE, PROGRESS_FILE) or (
+            path.name.startswith(tuple(f"{s}_" for s in SPLITS)) and path.name.endswith((".bin", PARTIAL_SUFFIX))
+        ):
+            path.unlink()
+
+
+def _already_prepared(dataset_dir: Path) -> bool:
+    if not (dataset_dir / META_FILE).is_file():
+        return False
+    read_meta(dataset_dir)  # a meta.json from another version is an error that says to overwrite
+    return True
 
 
 def prepare(cfg: PrepareConfig) -> Path:
-    """Tokenize the corpus into train/val token files; idempotent unless `overwrite` is set."""
-    dataset_dir = Path(cfg.paths.data_dir) / cfg.data.name
-    if (dataset_dir / META_FILE).is_file() and not cfg.overwrite:
-        log.info("%s is already prepared in %s (overwrite=true to redo it)", cfg.data.name, dataset_dir)
+    """Tokenize the corpus into train/val shards; idempotent, and resumable, unless `overwrite` is set."""
+    d = cfg.data
+    dataset_dir = Path(cfg.paths.data_dir) / d.name
+    if not cfg.overwrite and _already_prepared(dataset_dir):
+        log.info("%s is already prepared in %s (overwrite=true to redo it)", d.name, dataset_dir)
         return dataset_dir
-    start = time.perf_counter()
-    raw_path = fetch_source(cfg.data.source, dataset_dir)
-    try:
-        text = raw_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as ex:
-        raise UserError(f"{raw_path} is not UTF-8 text", "give data.source a plain-text corpus") from ex
-    if not text:
-        raise UserError(f"the corpus {raw_path} is empty", "point data.source at a non-empty text file")
-
-    tokenizer = CharTokenizer.from_text(text)
-    n_train = int(len(text) * (1 - cfg.data.val_fraction))  # split by characters, as nanoGPT does
-    train_ids = tokenizer.encode(text[:n_train])
-    val_ids = tokenizer.encode(text[n_train:])
-
+    task_bytes = cfg.task_mb * 2**20
+    source = open_source(d, dataset_dir, task_bytes)  # a bad source fails here, before anything is removed
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    (dataset_dir / META_FILE).unlink(missing_ok=True)  # meta.json is written last: it marks a finished prepare
-    _write_tokens(split_path(dataset_dir, "train"), train_ids)
-    _write_tokens(split_path(dataset_dir, "val"), val_ids)
-    write_meta(
-        dataset_dir,
+    fingerprint = _fingerprint(cfg)
+    progress = None if cfg.overwrite else _load_progress(dataset_dir, fingerprint)
+    if progress is None:
+        _remove_outputs(dataset_dir)
+    workers = _workers(cfg.workers)
+    start = time.perf_counter()
+
+    scan = progress["scan"] if progress else None
+    if scan is None and (d.val_split == "tail" or d.tokenizer == CHAR):
+        scan = _scan_corpus(cfg, dataset_dir, workers)
+        source = open_source(d, dataset_dir, task_bytes)
+    tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else TiktokenTokenizer(d.tokenizer)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {split: ShardWriter(dataset_dir, split, dtype, d.shard_tokens) for split in SPLITS}
+    state = {"batches": 0, "documents": 0, "bytes": 0, "head_val_tokens": 0}
+    if progress:
+        state = progress["state"]
+        for split, writer in writers.items():
+            writer.restore(**progress["writers"][split])
+        log.info("continuing an interrupted preparation after %d batches", state["batches"])
+
+    plan = _split_plan(cfg, scan)
+
+    def tasks() -> Iterator[tuple[Batch, str, SplitPlan]]:
+        """Batches not done yet; done ones are still read, to keep document and character counts."""
+        chars_before = 0
+        for batch in batches(source.records, task_bytes):
+            val_from = plan.val_from - chars_before
+            if scan is not None:
+                chars_before += scan["chars_per_batch"][batch.index]
+            if batch.index >= state["batches"]:
+                yield batch, d.text_field, SplitPlan(plan.mode, val_from, plan.fraction, plan.seed)
+
+    bar = _progress_bar(source, f"tokenizing {d.name}")
+    bar.update(state["bytes"])
+    n_tokens = 0
+    with bar:
+        for (batch, _, _), result in _ordered_map(_tokenize, tasks(), workers, (tokenizer.describe(),)):
+            finished = _route(result, writers, d.val_tokens if d.val_split == "head" else None, state)
+            n_tokens += result.n_tokens
+            state["batches"] = batch.index + 1
+            state["documents"] += batch.n_documents
+            state["bytes"] += batch.n_bytes
+            bar.update(batch.n_bytes)
+            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
+            if finished:
+                for writer in writers.values():
+                    writer.flush()
+                writer_states = {split: writer.state() for split, writer in writers.items()}
+                _save_progress(
+                    dataset_dir, {"fingerprint": fingerprint, "scan": scan, "state": state, "writers": writer_states}
+                )
+    for writer in writers.values():
+        writer.close()
+
+    meta = DatasetMeta(
+        format=META_FORMAT,
         tokenizer=tokenizer.describe(),
         vocab_size=tokenizer.vocab_size,
-        tokens={"train": len(train_ids), "val": len(val_ids)},
-        source=str(cfg.data.source),
+        dtype=dtype.name,
+        source=d.source + (f" ({d.hf_name})" if d.hf_name else ""),
+        documents=state["documents"],
+        tokens={split: sum(writer.shard_sizes) for split, writer in writers.items()},
+        shards={
+            split: [{"file": f, "tokens": n} for f, n in zip(w.files, w.shard_sizes, strict=True)]
+            for split, w in writers.items()
+        },
     )
-    seconds = time.perf_counter() - start
+    if not any(meta.tokens.values()):
+        raise UserError(f"the corpus {meta.source} is empty", "point data.source at a non-empty text corpus")
+    if meta.tokens["train"] == 0 or meta.tokens["val"] == 0:
+        empty = "train" if meta.tokens["train"] == 0 else "val"
+        raise UserError(
+            f"the {empty} split of {d.name} came out empty ({meta.documents} documents, {sum(meta.tokens.values())} "
+            f"tokens in all)",
+            "give a larger corpus, or change data.val_split / data.val_fraction / data.val_tokens",
+        )
+    write_meta(dataset_dir, meta)
+    (dataset_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    _log_summary(cfg, dataset_dir, meta, state["bytes"], time.perf_counter() - start, workers)
+    return dataset_dir
+
+
+def _split_plan(cfg: PrepareConfig, scan: dict[str, Any] | None) -> SplitPlan:
+    d = cfg.data
+    if d.val_split == "tail":
+        assert scan is not None
+        total = sum(scan["chars_per_batch"])
+        return SplitPlan("tail", val_from=int(total * (1 - d.val_fraction)))  # nanoGPT's split point
+    if d.val_split == "docs":
+        return SplitPlan("docs", val_from=0, fraction=d.val_fraction, seed=d.split_seed)
+    return SplitPlan("head")
+
+
+def _route(result: Tokenized, writers: dict[str, ShardWriter], head_val: int | None, state: dict[str, int]) -> int:
+    """Write a batch's tokens to the split writers; returns how many shards that finished."""
+    tokens = dict(result.tokens)
+    if head_val is not None:  # the first `head_val` tokens of the stream are val
+        stream = tokens["train"]
+        take = max(0, min(len(stream), head_val - state["head_val_tokens"]))
+        tokens = {"val": stream[:take], "train": stream[take:]}
+        state["head_val_tokens"] += take
+    return sum(writers[split].write(tokens[split]) for split in SPLITS)
+
+
+def _log_summary(
+    cfg: PrepareConfig, dataset_dir: Path, meta: DatasetMeta, n_bytes: int, seconds: float, workers: int
+) -> None:
+    total_tokens = sum(meta.tokens.values())
+    shard_bytes = sum((dataset_dir / s["file"]).stat().st_size for split in SPLITS for s in meta.shards[split])
     log.info(
-        "prepared %s: %s characters, vocab %d, %s train + %s val tokens in %.2fs -> %s",
+        "prepared %s: %s document(s), %s bytes read -> %s train + %s val tokens (vocab %d, %s) in %d + %d shards "
+        "(%s bytes), %.2fs with %d worker(s): %.1f MB/s, %s tokens/s -> %s",
         cfg.data.name,
-        f"{len(text):,}",
-        tokenizer.vocab_size,
-        f"{len(train_ids):,}",
-        f"{len(val_ids):,}",
+        f"{meta.documents:,}",
+        f"{n_bytes:,}",
+        f"{meta.tokens['train']:,}",
+        f"{meta.tokens['val']:,}",
+        meta.vocab_size,
+        meta.dtype,
+        len(meta.shards["train"]),
+        len(meta.shards["val"]),
+        f"{shard_bytes:,}",
         seconds,
+        workers,
+        n_bytes / 1e6 / seconds,
+        f"{total_tokens / seconds:,.0f}",
         dataset_dir,
     )
-    return dataset_dir

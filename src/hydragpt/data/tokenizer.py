@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import numpy as np
+
 from hydragpt.errors import UserError
+
+CHAR = "char"
 
 
 class Tokenizer(Protocol):
     vocab_size: int
+    # The token written between two documents: tiktoken's <|endoftext|>, a newline for the char tokenizer.
+    separator: int | None
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -28,26 +34,28 @@ class CharTokenizer:
         self.chars = chars
         self.vocab_size = len(chars)
         self._stoi = {ch: i for i, ch in enumerate(chars)}
+        self.separator = self._stoi.get("\n")
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
         return cls("".join(sorted(set(text))))
 
     def encode(self, text: str) -> list[int]:
-        unknown = sorted({ch for ch in text if ch not in self._stoi})
-        if unknown:
+        try:
+            return [self._stoi[ch] for ch in text]
+        except KeyError:
+            unknown = sorted({ch for ch in text if ch not in self._stoi})
             shown = ", ".join(repr(ch) for ch in unknown[:10])
             raise UserError(
                 f"text has {len(unknown)} character(s) outside the char vocabulary: {shown}",
                 "use only characters that occur in the training data",
-            )
-        return [self._stoi[ch] for ch in text]
+            ) from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": CHAR, "chars": self.chars}
 
 
 class TiktokenTokenizer:
@@ -57,8 +65,19 @@ class TiktokenTokenizer:
         import tiktoken
 
         self.name = name
-        self._enc = tiktoken.get_encoding(name)
+        try:
+            self._enc = tiktoken.get_encoding(name)
+        except ValueError as ex:  # an unknown name
+            raise UserError(
+                f"unknown tiktoken encoding '{name}'", f"use char or one of: {', '.join(tiktoken_encodings())}"
+            ) from ex
+        except Exception as ex:  # tiktoken downloads the BPE files on first use
+            raise UserError(
+                f"could not load the tiktoken encoding '{name}': {ex}",
+                "tiktoken downloads it once: connect to the internet, or copy a filled TIKTOKEN_CACHE_DIR",
+            ) from ex
         self.vocab_size = self._enc.n_vocab
+        self.separator = self._enc.eot_token
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -70,10 +89,21 @@ class TiktokenTokenizer:
         return {"kind": "tiktoken", "name": self.name}
 
 
+def tiktoken_encodings() -> list[str]:
+    import tiktoken
+
+    return tiktoken.list_encoding_names()
+
+
 def tokenizer_from_description(desc: dict[str, Any]) -> Tokenizer:
     kind = desc.get("kind")
-    if kind == "char":
+    if kind == CHAR:
         return CharTokenizer(desc["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(desc["name"])
     raise UserError(f"unknown tokenizer kind {kind!r}", "the dataset or checkpoint was written by another tool")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every token id: uint16 up to 65,536 ids, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)

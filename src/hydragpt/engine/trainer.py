@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from hydragpt.config import TrainConfig, grad_accum_steps
-from hydragpt.data.dataset import SPLITS, RandomBatchLoader, TokenDataset, evaluation_batches
+from hydragpt.data.dataset import SPLITS, TokenDataset, evaluation_batches
+from hydragpt.data.loader import build_train_loader
 from hydragpt.engine.checkpoint import (
     CHECKPOINT_DIR,
     clean_state_dict,
@@ -78,7 +79,8 @@ class Trainer:
 
         self.grad_accum = grad_accum_steps(t, self.model_config.block_size)
         self.tokens_per_step = t.batch_size * self.model_config.block_size * self.grad_accum
-        self.train_loader = RandomBatchLoader(
+        self.train_loader = build_train_loader(
+            cfg.data.sampling,
             self.data.splits["train"],
             t.batch_size,
             self.model_config.block_size,

@@ -1,0 +1,146 @@
+"""Training batch loaders: where each rank's next batch of windows comes from, and how to resume there.
+
+Both loaders deal windows from one global stream that every rank computes identically: per call, the
+`world_size * batch_size` next windows of the stream, of which rank r takes the r-th `batch_size`. So
+ranks never draw the same stream position, and a loader's whole position is a small state that goes
+into the checkpoint: a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hydragpt.data.dataset import SplitTokens, to_device_batch
+from hydragpt.errors import UserError
+
+
+class BatchLoader(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: from torch.distributed when it is initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RandomBatchLoader:
+    """Windows at uniformly random positions of the split, as nanoGPT samples them (cheap, no epochs).
+
+    The positions come from the loader's own seeded generator, not the global RNG, and every rank draws
+    the whole global batch and keeps its own slice, so the ranks' generators stay in step.
+    """
+
+    def __init__(
+        self,
+        tokens: SplitTokens,
+        batch_size: int,
+        block_size: int,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each (batch_size, block_size) int64 on the device."""
+        n = self.world_size * self.batch_size
+        starts = torch.randint(len(self.tokens) - self.block_size, (n,), generator=self.generator).numpy()
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return to_device_batch(self.tokens.windows(mine, self.block_size + 1), self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampling": "random", "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_sampling(state, "random")
+        self.generator.set_state(state["generator"])
+
+
+class SequentialBatchLoader:
+    """Every window of the split exactly once per epoch, in order, across shard boundaries.
+
+    Window k holds tokens [k * block_size, (k + 1) * block_size + 1): consecutive windows tile the split
+    (build-nanogpt's layout). The position is the number of windows dealt so far to all ranks together;
+    window `position mod n_windows` comes next, and `position // n_windows` is the epoch.
+    """
+
+    def __init__(
+        self,
+        tokens: SplitTokens,
+        batch_size: int,
+        block_size: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.n_windows = (len(tokens) - 1) // block_size
+        if self.n_windows < world_size * batch_size:
+            raise UserError(
+                f"the training split has {self.n_windows} windows of block_size {block_size}, fewer than one "
+                f"step's batch_size x world_size = {batch_size} x {world_size}",
+                "use a smaller train.batch_size or model.block_size, a larger corpus, or data.sampling=random",
+            )
+        self.position = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n_windows
+
+    def window_indices(self) -> np.ndarray:
+        """The windows (within the epoch) of this rank's next batch."""
+        first = self.position + self.rank * self.batch_size
+        return (first + np.arange(self.batch_size)) % self.n_windows
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each (batch_size, block_size) int64 on the device."""
+        starts = self.window_indices() * self.block_size
+        self.position += self.world_size * self.batch_size
+        return to_device_batch(self.tokens.windows(starts, self.block_size + 1), self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampling": "sequential", "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_sampling(state, "sequential")
+        self.position = state["position"]
+
+
+def _check_sampling(state: dict[str, Any], expected: str) -> None:
+    if state.get("sampling") != expected:
+        raise UserError(
+            f"the checkpoint's data loader used data.sampling={state.get('sampling')}, not {expected}",
+            f"resume with data.sampling={state.get('sampling')}",
+        )
+
+
+def build_train_loader(
+    sampling: str, tokens: SplitTokens, batch_size: int, block_size: int, seed: int, device: torch.device
+) -> BatchLoader:
+    """The training loader for `data.sampling`, dealing this process's share under torch.distributed."""
+    rank, world_size = data_parallel_rank()
+    if sampling == "random":
+        return RandomBatchLoader(tokens, batch_size, block_size, seed, device, rank, world_size)
+    return SequentialBatchLoader(tokens, batch_size, block_size, device, rank, world_size)

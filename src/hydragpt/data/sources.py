@@ -1,0 +1,248 @@
+"""Where raw documents come from, read as a stream of bounded work batches for the tokenizing workers.
+
+`data.source` is a local `.txt`, `.jsonl` or `.parquet` file, a directory or glob of them, a URL (downloaded
+once into the dataset directory and reused from there), or `hf:<dataset>` for a Hugging Face dataset.
+A `.txt` file is one document, cut into chunks at points where cutting cannot change its tokens; each
+`.jsonl` line and each `.parquet` or Hugging Face row is one document. Nothing here holds more than one
+batch of text at a time, so preparation memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from hydragpt.config import DataConfig
+from hydragpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+EXTENSIONS = (".txt", ".jsonl", ".parquet")
+TEXT, JSONL = "text", "jsonl"  # record kinds: decoded text, or raw JSON lines the workers parse
+
+
+@dataclass
+class Record:
+    kind: str
+    payload: str | bytes
+    starts_document: bool  # False for the second and later chunks of one .txt document
+    n_bytes: int  # input bytes this record accounts for (progress and throughput)
+    origin: str  # the file or dataset it came from, for error messages
+
+
+@dataclass
+class Batch:
+    """One tokenization task: records of one kind from one origin, about `task_bytes` of input."""
+
+    index: int
+    kind: str
+    origin: str
+    next_document: int  # index the first document starting in this batch gets (documents count from 0)
+    records: list[str | bytes] = field(default_factory=list)
+    starts_document: list[bool] = field(default_factory=list)
+    n_bytes: int = 0
+
+    @property
+    def n_documents(self) -> int:
+        return sum(self.starts_document)
+
+
+@dataclass
+class Source:
+    description: str
+    records: Iterator[Record]
+    total_bytes: int | None  # for the progress bar, when known up front
+
+
+def batches(records: Iterator[Record], task_bytes: int) -> Iterator[Batch]:
+    """Group records into batches of about `task_bytes` each; a batch never mixes kinds or origins."""
+    current: Batch | None = None
+    index = next_document = 0
+    for record in records:
+        if current is not None and (
+            current.n_bytes >= task_bytes or current.kind != record.kind or current.origin != record.origin
+        ):
+            yield current
+            current, index = None, index + 1
+        if current is None:
+            current = Batch(index, record.kind, record.origin, next_document)
+        current.records.append(record.payload)
+        current.starts_document.append(record.starts_document)
+        current.n_bytes += record.n_bytes
+        next_document += record.starts_document
+    if current is not None:
+        yield current
+
+
+def open_source(data: DataConfig, dataset_dir: Path, task_bytes: int) -> Source:
+    """Resolve `data.source` and check it exists, before anything on disk is touched."""
+    if not data.source:
+        raise UserError(
+            f"data.source is not set for data={data.name}",
+            "set data.source=<.txt/.jsonl/.parquet file, directory, glob, URL or hf:<dataset>>",
+        )
+    if data.source.startswith(HF_PREFIX):
+        return _hf_source(data)
+    if _is_url(data.source):
+        files = [_download(data.source, dataset_dir)]
+    else:
+        files = _local_files(data.source)
+    return Source(
+        description=data.source,
+        records=_file_records(files, data.text_field, task_bytes),
+        total_bytes=sum(f.stat().st_size for f in files),
+    )
+
+
+def _is_url(source: str) -> bool:
+    return urlparse(source).scheme in ("http", "https", "ftp")
+
+
+def _download(url: str, dataset_dir: Path) -> Path:
+    """The URL's file, downloaded once into the dataset directory; a copy placed there is used as is."""
+    name = Path(urlparse(url).path).name or "input.txt"
+    cached = dataset_dir / (name if name.endswith(EXTENSIONS) else name + ".txt")
+    if cached.is_file():
+        log.info("using the corpus already downloaded at %s", cached)
+        return cached
+    log.info("downloading %s to %s", url, cached)
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(cached.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except (urllib.error.URLError, OSError) as ex:
+        partial.unlink(missing_ok=True)
+        raise UserError(
+            f"could not download {url}: {ex}",
+            f"download it yourself to {cached}, or set data.source=<local path>",
+        ) from ex
+    os.replace(partial, cached)
+    return cached
+
+
+def _local_files(source: str) -> list[Path]:
+    """The corpus files named by a path, a directory (searched recursively) or a glob, in sorted order."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not path.name.endswith(EXTENSIONS):
+            raise UserError(f"data.source {path} is not a {'/'.join(EXTENSIONS)} file", "convert it or rename it")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(EXTENSIONS))
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if p.endswith(EXTENSIONS))
+    if not files:
+        raise UserError(
+            f"data.source '{source}' does not exist or holds no {'/'.join(EXTENSIONS)} files",
+            "point data.source at a text corpus: a file, a directory, a glob, a URL or hf:<dataset>",
+        )
+    return files
+
+
+def _file_records(files: list[Path], text_field: str, chunk_bytes: int) -> Iterator[Record]:
+    for path in files:
+        if path.name.endswith(".txt"):
+            yield from _txt_records(path, chunk_bytes)
+        elif path.name.endswith(".jsonl"):
+            yield from _jsonl_records(path)
+        else:
+            yield from _parquet_records(path, text_field)
+
+
+def safe_cut(text: str) -> int | None:
+    """A position where `text` can be cut without changing how a BPE encoding splits it, or None.
+
+    After a newline that sits between two non-space characters: the pre-tokenizer patterns of GPT-2,
+    cl100k and o200k all end a piece at such a newline and start the next one after it.
+    """
+    end = len(text) - 1
+    while (i := text.rfind("\n", 1, end)) > 0:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        end = i
+    return None
+
+
+def _txt_records(path: Path, chunk_bytes: int) -> Iterator[Record]:
+    """One document per file, in chunks of about `chunk_bytes` cut at `safe_cut` points."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, pending_bytes, first = "", 0, True
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            try:
+                pending += decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as ex:
+                raise UserError(f"{path} is not UTF-8 text", "convert it to UTF-8 or give another source") from ex
+            pending_bytes += len(raw)
+            if not raw:
+                break
+            cut = safe_cut(pending)
+            if cut is None:  # no safe point yet: read on (a chunk grows rather than change tokens)
+                continue
+            done = len(pending[:cut].encode())
+            yield Record(TEXT, pending[:cut], first, done, str(path))
+            pending, pending_bytes, first = pending[cut:], pending_bytes - done, False
+    if pending or first:
+        yield Record(TEXT, pending, first, pending_bytes, str(path))
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield Record(JSONL, line, True, len(line), str(path))
+
+
+def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as ex:  # pyarrow raises its own error types for a foreign or damaged file
+        raise UserError(f"{path} is not a readable parquet file: {ex}", "check the file") from ex
+    if text_field not in parquet.schema_arrow.names:
+        raise UserError(
+            f"{path} has no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)})",
+            "set data.text_field to the column holding the text",
+        )
+    bytes_per_row = path.stat().st_size / max(parquet.metadata.num_rows, 1)
+    for table in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in table.column(0).to_pylist():
+            yield Record(TEXT, text or "", True, round(bytes_per_row), str(path))
+
+
+def _hf_source(data: DataConfig) -> Source:
+    """A Hugging Face dataset, loaded (downloaded once into HF's cache) or streamed, one document per row."""
+    import datasets
+
+    name = data.source.removeprefix(HF_PREFIX)
+    label = name + (f" ({data.hf_name})" if data.hf_name else "")
+    try:
+        dataset = datasets.load_dataset(name, data.hf_name, split=data.hf_split, streaming=data.streaming)
+        dataset = dataset.select_columns([data.text_field])
+    except Exception as ex:  # network, hub and schema errors come in many types
+        first_line = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        raise UserError(
+            f"could not load the Hugging Face dataset {label}: {first_line}",
+            "check the name and the network, or download its .parquet/.jsonl files and set data.source=<that dir>",
+        ) from ex
+
+    def records() -> Iterator[Record]:
+        for rows in dataset.iter(batch_size=1024):
+            for text in rows[data.text_field]:
+                text = text or ""
+                yield Record(TEXT, text, True, len(text), label)
+
+    return Source(description=data.source, records=records(), total_bytes=None)

@@ -1,0 +1,41 @@
+"""The trainer runs unchanged on GPT-2 BPE data and on a `text` corpus of one's own (sequential sampling)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEBUG_RUN, prepare_dataset, run_script
+
+
+def train_on(data_dir: Path, run_dir: Path, *overrides: str) -> list[dict]:
+    result = run_script(
+        "train",
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        "train.max_iters=30",
+        "train.eval_interval=15",
+        "optim.lr=1e-2",
+        *overrides,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("dataset", ["shakespeare_gpt2", "text"])
+def test_training_on_bpe_datasets(gpt2_bpe: None, tmp_path: Path, corpus_file: Path, dataset: str) -> None:
+    if dataset == "text":  # one's own corpus: a .jsonl of documents
+        lines = corpus_file.read_text().split("\n\n")[:400]
+        source = tmp_path / "docs.jsonl"
+        source.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in lines))
+    else:
+        source = corpus_file
+    prepare_dataset(tmp_path / "data", dataset, source)
+    records = train_on(tmp_path / "data", tmp_path / "run", f"data={dataset}")
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 15, 30]
+    assert evals[0]["val_loss"] == pytest.approx(10.82, abs=0.1)  # ln(50257): GPT-2's vocabulary
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
