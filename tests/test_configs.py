@@ -71,9 +71,13 @@ def test_shakespeare_char_is_nanogpts_gpu_recipe() -> None:
     assert (t.batch_size, t.max_iters, o.lr, o.beta2, lr.warmup_iters) == (64, 5000, 1e-3, 0.99, 100)
 
 
-def test_decay_iters_follows_max_iters_by_default() -> None:
+def test_decay_iters_defaults_to_the_runs_length() -> None:
     cfg = train_config(compose_config("train", ["train.max_iters=123"]))
-    assert cfg.lr.decay_iters == 123
+    assert cfg.lr.decay_iters is None  # the Trainer decays until its last step, however the length was given
+    with pytest.raises(UserError, match=r"train.epochs needs data.sampling=sequential"):
+        train_config(compose_config("train", ["train.epochs=1", "data.sampling=random"]))
+    with pytest.raises(UserError, match=r"train.max_tokens and train.epochs are both set"):
+        train_config(compose_config("train", ["train.epochs=1", "train.max_tokens=100"]))
 
 
 def test_sample_and_prepare_configs_compose() -> None:

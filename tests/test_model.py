@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from hydragpt.config import LRConfig, OptimConfig
+from hydragpt.config import GPTConfig, LRConfig, OptimConfig
 from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, lr_factor
-from hydragpt.model import GPT, GPTConfig
+from hydragpt.model import GPT
 
 CFG = GPTConfig(name="t", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0, bias=True)
 

@@ -162,7 +162,8 @@ def test_text_without_a_source_says_how_to_set_one(tmp_path: Path) -> None:
         prepare_dataset(tmp_path, "text", "null")
 
 
-def test_hugging_face_source(gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hugging_face_source(gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streaming: bool) -> None:
     import datasets
 
     docs = documents(30)
@@ -170,11 +171,13 @@ def test_hugging_face_source(gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest
 
     def load_dataset(name, config, split, streaming):
         seen.update(name=name, config=config, split=split, streaming=streaming)
-        return datasets.Dataset.from_dict({"text": docs, "url": ["u"] * len(docs)})
+        table = datasets.Dataset.from_dict({"text": docs, "url": ["u"] * len(docs)})
+        return table.to_iterable_dataset() if streaming else table
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    dataset = TokenDataset(prepare_dataset(tmp_path, "fineweb_edu", "hf:org/corpus", "data.val_tokens=50"))
-    assert seen == {"name": "org/corpus", "config": "sample-10BT", "split": "train", "streaming": False}
+    overrides = ("data.val_tokens=50", f"data.streaming={streaming}")
+    dataset = TokenDataset(prepare_dataset(tmp_path, "fineweb_edu", "hf:org/corpus", *overrides))
+    assert seen == {"name": "org/corpus", "config": "sample-10BT", "split": "train", "streaming": streaming}
     enc = TiktokenTokenizer("gpt2")
     assert enc.decode(all_tokens(dataset, "val") + all_tokens(dataset, "train")) == "<|endoftext|>".join(docs)
     assert dataset.meta.tokens["val"] == 50 and dataset.meta.source == "hf:org/corpus (sample-10BT)"

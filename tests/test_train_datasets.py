@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import DEBUG_RUN, prepare_dataset, run_script
 
@@ -39,3 +40,22 @@ def test_training_on_bpe_datasets(gpt2_bpe: None, tmp_path: Path, corpus_file: P
     assert [r["iter"] for r in evals] == [0, 15, 30]
     assert evals[0]["val_loss"] == pytest.approx(10.82, abs=0.1)  # ln(50257): GPT-2's vocabulary
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+
+
+@pytest.mark.parametrize(
+    ("length", "steps"),
+    [
+        ("train.max_tokens=640", 5),  # 640 tokens / (batch 4 x block 32)
+        ("train.epochs=0.5", 71),  # ceil(0.5 x 562 windows / 4 per step)
+    ],
+)
+def test_training_length_by_tokens_or_epochs(tmp_path: Path, corpus_file: Path, length: str, steps: int) -> None:
+    source = tmp_path / "small.txt"
+    source.write_text(corpus_file.read_text()[:20_000])  # 18,000 training tokens: 562 windows of 32
+    prepare_dataset(tmp_path / "data", "shakespeare_char", source)
+    run_dir = tmp_path / "run"
+    records = train_on(tmp_path / "data", run_dir, length, "data.sampling=sequential", "lr.warmup_iters=2")
+    assert max(r["iter"] for r in records if "loss" in r) == steps - 1  # not train.max_iters=30
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == steps and ckpt["loader"] == {"sampling": "sequential", "position": 4 * steps}
+    assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(6e-5)  # lr.min_lr, reached at the derived last step

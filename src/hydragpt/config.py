@@ -16,7 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hydragpt.data.tokenizer import tiktoken_encodings
 from hydragpt.errors import UserError
-from hydragpt.model import GPTConfig
 
 # Optional[...] rather than `X | None` below: OmegaConf's structured configs read these annotations.
 # ruff: noqa: UP045
@@ -28,6 +27,20 @@ OPTIMIZERS = ("adamw",)
 LR_SCHEDULES = ("cosine", "constant")
 VAL_SPLITS = ("tail", "docs", "head")
 SAMPLING = ("random", "sequential")
+
+
+@dataclass
+class GPTConfig:
+    """The model's shape. `vocab_size=None` means "take it from the dataset's tokenizer"."""
+
+    name: str = "custom"
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: Optional[int] = None
+    dropout: float = 0.0
+    bias: bool = True
 
 
 @dataclass
@@ -62,7 +75,7 @@ class OptimConfig:
 class LRConfig:
     name: str
     warmup_iters: int
-    decay_iters: int
+    decay_iters: Optional[int]
     min_lr: float
 
 
@@ -96,6 +109,8 @@ class PathsConfig:
 @dataclass
 class TrainLoopConfig:
     max_iters: int
+    max_tokens: Optional[int]
+    epochs: Optional[float]
     batch_size: int
     grad_accum_steps: Optional[int]
     total_batch_size: Optional[int]
@@ -157,6 +172,18 @@ class PeekConfig:
     ids: bool
 
 
+@dataclass
+class BenchPrepareConfig:
+    paths: PathsConfig
+    size_mb: int
+    workers: list[int]
+    repeats: int
+    tokenizer: str
+    task_mb: int
+    seed: int
+    work_dir: str
+
+
 Schema = TypeVar("Schema")
 
 
@@ -214,6 +241,18 @@ def validate_train(cfg: TrainConfig) -> None:
     validate_model(cfg.model)
     t = cfg.train
     _require(t.max_iters >= 0, "train.max_iters must be >= 0", "set a non-negative count")
+    _require(
+        t.max_tokens is None or t.epochs is None,
+        "train.max_tokens and train.epochs are both set",
+        "give the run's length one way: max_iters, max_tokens or epochs",
+    )
+    _require(t.max_tokens is None or t.max_tokens >= 1, "train.max_tokens must be >= 1", "or null")
+    _require(t.epochs is None or t.epochs > 0, "train.epochs must be > 0", "e.g. train.epochs=1, or null")
+    _require(
+        t.epochs is None or cfg.data.sampling == "sequential",
+        "train.epochs needs data.sampling=sequential (random windows have no epochs)",
+        "set data.sampling=sequential, or use train.max_iters / train.max_tokens",
+    )
     for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}", "set a positive count")
     _require(
@@ -246,7 +285,11 @@ def validate_train(cfg: TrainConfig) -> None:
         f"lr.min_lr={cfg.lr.min_lr} must be between 0 and optim.lr={cfg.optim.lr}",
         "usually optim.lr / 10",
     )
-    _require(cfg.lr.decay_iters >= 0, "lr.decay_iters must be >= 0", "usually lr.decay_iters = train.max_iters")
+    _require(
+        cfg.lr.decay_iters is None or cfg.lr.decay_iters >= 0,
+        "lr.decay_iters must be >= 0",
+        "or null to decay until the run's last step",
+    )
     validate_device(cfg.system.device, "system.device")
     _choice(cfg.system.dtype, DTYPES, "system.dtype")
     _choice(cfg.system.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
@@ -339,4 +382,13 @@ def peek_config(cfg: DictConfig) -> PeekConfig:
     _choice(typed.split, ("train", "val"), "split")
     _require(typed.offset >= 0, "offset must be >= 0", "e.g. offset=0")
     _require(typed.n_tokens >= 1, "n_tokens must be >= 1", "e.g. n_tokens=200")
+    return typed
+
+
+def bench_prepare_config(cfg: DictConfig) -> BenchPrepareConfig:
+    typed = to_dataclass(cfg, BenchPrepareConfig)
+    _require(typed.size_mb >= 1, "size_mb must be >= 1", "e.g. size_mb=200")
+    _require(bool(typed.workers) and min(typed.workers) >= 1, "workers must list counts >= 1", "e.g. workers=[1,2]")
+    _require(typed.repeats >= 1, "repeats must be >= 1", "e.g. repeats=2")
+    _require(typed.task_mb >= 1, "task_mb must be >= 1", "e.g. 4")
     return typed

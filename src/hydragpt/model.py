@@ -8,26 +8,13 @@ where the device has it). Equivalent to nanoGPT's model, so GPT-2 weights load i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class GPTConfig:
-    """The model's shape. `vocab_size=None` means "take it from the dataset's tokenizer"."""
-
-    name: str = "custom"
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: Optional[int] = None  # noqa: UP045 (OmegaConf structured configs need typing.Optional)
-    dropout: float = 0.0
-    bias: bool = True
+from hydragpt.config import GPTConfig
 
 
 class CausalSelfAttention(nn.Module):

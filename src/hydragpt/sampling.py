@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from hydragpt.config import SampleConfig
+from hydragpt.config import GPTConfig, SampleConfig
 from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
-from hydragpt.model import GPT, GPTConfig
+from hydragpt.model import GPT
 
 log = logging.getLogger("hydragpt.sample")
 

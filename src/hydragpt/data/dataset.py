@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from hydragpt.data.shards import open_shard
 from hydragpt.data.tokenizer import Tokenizer, token_dtype, tokenizer_from_description
@@ -144,26 +142,3 @@ class TokenDataset:
                     f"(block_size + 1 = {block_size + 1})",
                     "use a smaller model.block_size or a larger corpus",
                 )
-
-
-def to_device_batch(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets from (n, block_size + 1) windows; pinned and non-blocking on CUDA."""
-    batch = torch.from_numpy(windows)
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    else:
-        batch = batch.to(device)
-    return batch[:, :-1], batch[:, 1:]
-
-
-def evaluation_batches(
-    tokens: SplitTokens, batch_size: int, block_size: int, n_batches: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`n_batches` batches of windows spread evenly over the whole split.
-
-    The same windows at every evaluation and in every run of the same data: val losses differ only
-    because the models do, and a stratified sample is a steadier estimate than random windows.
-    """
-    starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).astype(np.int64)
-    for batch_starts in starts.reshape(n_batches, batch_size):
-        yield to_device_batch(tokens.windows(batch_starts, block_size + 1), device)

@@ -1,4 +1,5 @@
-"""Training batch loaders: where each rank's next batch of windows comes from, and how to resume there.
+"""Batches on the device: training loaders (where each rank's next batch comes from, and how to resume
+there) and the fixed evaluation batches.
 
 Both loaders deal windows from one global stream that every rank computes identically: per call, the
 `world_size * batch_size` next windows of the stream, of which rank r takes the r-th `batch_size`. So
@@ -8,14 +9,38 @@ into the checkpoint: a resumed run sees exactly the batches the uninterrupted ru
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from hydragpt.data.dataset import SplitTokens, to_device_batch
+from hydragpt.data.dataset import SplitTokens
 from hydragpt.errors import UserError
+
+
+def to_device_batch(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets from (n, block_size + 1) windows; pinned and non-blocking on CUDA."""
+    batch = torch.from_numpy(windows)
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    else:
+        batch = batch.to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def evaluation_batches(
+    tokens: SplitTokens, batch_size: int, block_size: int, n_batches: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`n_batches` batches of windows spread evenly over the whole split.
+
+    The same windows at every evaluation and in every run of the same data: val losses differ only
+    because the models do, and a stratified sample is a steadier estimate than random windows.
+    """
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).astype(np.int64)
+    for batch_starts in starts.reshape(n_batches, batch_size):
+        yield to_device_batch(tokens.windows(batch_starts, block_size + 1), device)
 
 
 class BatchLoader(Protocol):

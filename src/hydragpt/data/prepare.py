@@ -120,11 +120,12 @@ def _val_documents(doc_ids: np.ndarray, seed: int, fraction: float) -> np.ndarra
 def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
     batch, text_field, plan = task
     assert _tokenizer is not None
-    encode, separator = _tokenizer.encode, _tokenizer.separator
+    encode, dtype = _tokenizer.encode_array, token_dtype(_tokenizer.vocab_size)
+    separator = np.array([] if _tokenizer.separator is None else [_tokenizer.separator], dtype=dtype)
     texts = _texts(batch, text_field)
     doc_ids = batch.next_document - 1 + np.cumsum(batch.starts_document)
     in_val = _val_documents(doc_ids, plan.seed, plan.fraction) if plan.mode == "docs" else None
-    ids: dict[str, list[int]] = {split: [] for split in SPLITS}
+    pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     offset = 0  # characters of the batch before this record (tail)
     for i, (text, starts) in enumerate(zip(texts, batch.starts_document, strict=True)):
         if not text:
@@ -132,17 +133,16 @@ def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
         split = "val" if in_val is not None and in_val[i] else "train"
         if plan.mode == "tail" and offset >= plan.val_from:
             split = "val"
-        if starts and doc_ids[i] > 0 and separator is not None:
-            ids[split].append(separator)
+        if starts and doc_ids[i] > 0:
+            pieces[split].append(separator)
         if plan.mode == "tail" and offset < plan.val_from < offset + len(text):  # the split point is in here
             cut = plan.val_from - offset
-            ids["train"].extend(encode(text[:cut]))
-            ids["val"].extend(encode(text[cut:]))
+            pieces["train"].append(encode(text[:cut]))
+            pieces["val"].append(encode(text[cut:]))
         else:
-            ids[split].extend(encode(text))
+            pieces[split].append(encode(text))
         offset += len(text)
-    dtype = token_dtype(_tokenizer.vocab_size)
-    tokens = {split: np.array(values, dtype=dtype) for split, values in ids.items()}
+    tokens = {split: np.concatenate([np.empty(0, dtype), *arrays]).astype(dtype) for split, arrays in pieces.items()}
     return Tokenized(tokens, sum(map(len, tokens.values())))
 
 
@@ -248,11 +248,9 @@ def prepare(cfg: PrepareConfig) -> Path:
     if not cfg.overwrite and _already_prepared(dataset_dir):
         log.info("%s is already prepared in %s (overwrite=true to redo it)", d.name, dataset_dir)
         return dataset_dir
-    task_bytes = cfg.task_mb * 2**20
-    source = open_source(d, dataset_dir, task_bytes)  # a bad source fails here, before anything is removed
+    source = open_source(d, dataset_dir, cfg.task_mb * 2**20)  # a bad source fails here, before anything is removed
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(cfg)
-    progress = None if cfg.overwrite else _load_progress(dataset_dir, fingerprint)
+    progress = None if cfg.overwrite else _load_progress(dataset_dir, _fingerprint(cfg))
     if progress is None:
         _remove_outputs(dataset_dir)
     workers = _workers(cfg.workers)
@@ -261,7 +259,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     scan = progress["scan"] if progress else None
     if scan is None and (d.val_split == "tail" or d.tokenizer == CHAR):
         scan = _scan_corpus(cfg, dataset_dir, workers)
-        source = open_source(d, dataset_dir, task_bytes)
+        source = open_source(d, dataset_dir, cfg.task_mb * 2**20)  # read again from the start
     tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else TiktokenTokenizer(d.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(dataset_dir, split, dtype, d.shard_tokens) for split in SPLITS}
@@ -271,7 +269,27 @@ def prepare(cfg: PrepareConfig) -> Path:
         for split, writer in writers.items():
             writer.restore(**progress["writers"][split])
         log.info("continuing an interrupted preparation after %d batches", state["batches"])
+    _write_shards(cfg, dataset_dir, source, tokenizer, scan, writers, state, workers)
 
+    meta = _dataset_meta(cfg, tokenizer, writers, state["documents"])
+    write_meta(dataset_dir, meta)
+    (dataset_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    _log_summary(cfg, dataset_dir, meta, state["bytes"], time.perf_counter() - start, workers)
+    return dataset_dir
+
+
+def _write_shards(
+    cfg: PrepareConfig,
+    dataset_dir: Path,
+    source: Source,
+    tokenizer: Tokenizer,
+    scan: dict[str, Any] | None,
+    writers: dict[str, ShardWriter],
+    state: dict[str, int],
+    workers: int,
+) -> None:
+    """Pass 2: tokenize the batches not done yet and write them, recording progress at each finished shard."""
+    d, task_bytes = cfg.data, cfg.task_mb * 2**20
     plan = _split_plan(cfg, scan)
 
     def tasks() -> Iterator[tuple[Batch, str, SplitPlan]]:
@@ -284,10 +302,9 @@ def prepare(cfg: PrepareConfig) -> Path:
             if batch.index >= state["batches"]:
                 yield batch, d.text_field, SplitPlan(plan.mode, val_from, plan.fraction, plan.seed)
 
-    bar = _progress_bar(source, f"tokenizing {d.name}")
-    bar.update(state["bytes"])
-    n_tokens = 0
-    with bar:
+    start, n_tokens = time.perf_counter(), 0
+    with _progress_bar(source, f"tokenizing {d.name}") as bar:
+        bar.update(state["bytes"])
         for (batch, _, _), result in _ordered_map(_tokenize, tasks(), workers, (tokenizer.describe(),)):
             finished = _route(result, writers, d.val_tokens if d.val_split == "head" else None, state)
             n_tokens += result.n_tokens
@@ -299,20 +316,29 @@ def prepare(cfg: PrepareConfig) -> Path:
             if finished:
                 for writer in writers.values():
                     writer.flush()
-                writer_states = {split: writer.state() for split, writer in writers.items()}
-                _save_progress(
-                    dataset_dir, {"fingerprint": fingerprint, "scan": scan, "state": state, "writers": writer_states}
-                )
+                progress = {
+                    "fingerprint": _fingerprint(cfg),
+                    "scan": scan,
+                    "state": state,
+                    "writers": {split: writer.state() for split, writer in writers.items()},
+                }
+                _save_progress(dataset_dir, progress)
     for writer in writers.values():
         writer.close()
 
+
+def _dataset_meta(
+    cfg: PrepareConfig, tokenizer: Tokenizer, writers: dict[str, ShardWriter], documents: int
+) -> DatasetMeta:
+    """The finished dataset's description, once both splits are checked to hold tokens."""
+    d = cfg.data
     meta = DatasetMeta(
         format=META_FORMAT,
         tokenizer=tokenizer.describe(),
         vocab_size=tokenizer.vocab_size,
-        dtype=dtype.name,
+        dtype=token_dtype(tokenizer.vocab_size).name,
         source=d.source + (f" ({d.hf_name})" if d.hf_name else ""),
-        documents=state["documents"],
+        documents=documents,
         tokens={split: sum(writer.shard_sizes) for split, writer in writers.items()},
         shards={
             split: [{"file": f, "tokens": n} for f, n in zip(w.files, w.shard_sizes, strict=True)]
@@ -328,10 +354,7 @@ def prepare(cfg: PrepareConfig) -> Path:
             f"tokens in all)",
             "give a larger corpus, or change data.val_split / data.val_fraction / data.val_tokens",
         )
-    write_meta(dataset_dir, meta)
-    (dataset_dir / PROGRESS_FILE).unlink(missing_ok=True)
-    _log_summary(cfg, dataset_dir, meta, state["bytes"], time.perf_counter() - start, workers)
-    return dataset_dir
+    return meta
 
 
 def _split_plan(cfg: PrepareConfig, scan: dict[str, Any] | None) -> SplitPlan:

@@ -22,6 +22,10 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` straight into an unsigned integer array: no Python int per token (bulk preparation)."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -34,6 +38,7 @@ class CharTokenizer:
         self.chars = chars
         self.vocab_size = len(chars)
         self._stoi = {ch: i for i, ch in enumerate(chars)}
+        self._codes = np.array([ord(ch) for ch in chars], dtype=np.uint32)  # sorted, as `chars` is
         self.separator = self._stoi.get("\n")
 
     @classmethod
@@ -50,6 +55,13 @@ class CharTokenizer:
                 f"text has {len(unknown)} character(s) outside the char vocabulary: {shown}",
                 "use only characters that occur in the training data",
             ) from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(self._codes, codes).astype(np.uint32)
+        if len(ids) and not np.array_equal(self._codes[np.minimum(ids, len(self._codes) - 1)], codes):
+            self.encode(text)  # raises the error that names the unknown characters
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -81,6 +93,9 @@ class TiktokenTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self._enc.encode_to_numpy(text, disallowed_special=())  # nothing special: encode_ordinary
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)

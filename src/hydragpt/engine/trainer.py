@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from hydragpt.config import TrainConfig, grad_accum_steps
-from hydragpt.data.dataset import SPLITS, TokenDataset, evaluation_batches
-from hydragpt.data.loader import build_train_loader
+from hydragpt.config import GPTConfig, TrainConfig, grad_accum_steps
+from hydragpt.data.dataset import SPLITS, TokenDataset
+from hydragpt.data.loader import SequentialBatchLoader, build_train_loader, evaluation_batches
 from hydragpt.engine.checkpoint import (
     CHECKPOINT_DIR,
     clean_state_dict,
@@ -33,7 +33,7 @@ from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
 from hydragpt.errors import UserError
 from hydragpt.loggers import build_loggers, trim_metrics
-from hydragpt.model import GPT, GPTConfig
+from hydragpt.model import GPT
 from hydragpt.plot import plot_run
 
 log = logging.getLogger("hydragpt.train")
@@ -87,8 +87,11 @@ class Trainer:
             cfg.system.seed,
             self.device,
         )
+        self.max_iters = self._training_length()
+        decay_iters = self.max_iters if cfg.lr.decay_iters is None else cfg.lr.decay_iters
+        self.lr_config = replace(cfg.lr, decay_iters=decay_iters)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.optim.lr)
+        self.scheduler = build_scheduler(self.optimizer, self.lr_config, cfg.optim.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
         self.step = 0  # optimizer steps taken
@@ -136,6 +139,18 @@ class Trainer:
         log.info("cropping block_size from %d to %d", saved.block_size, crop)
         return replace(saved, dropout=wanted.dropout, block_size=crop)
 
+    def _training_length(self) -> int:
+        """Optimizer steps of the whole run: `train.max_iters`, or as many as `max_tokens` or `epochs` take."""
+        t = self.cfg.train
+        if t.epochs is not None:
+            loader = self.train_loader
+            assert isinstance(loader, SequentialBatchLoader)  # config validation: epochs need sequential sampling
+            windows_per_step = t.batch_size * self.grad_accum * loader.world_size
+            return math.ceil(t.epochs * loader.n_windows / windows_per_step)
+        if t.max_tokens is not None:
+            return math.ceil(t.max_tokens / self.tokens_per_step)
+        return t.max_iters
+
     def _model_from_checkpoint(self, ckpt: dict[str, Any]) -> GPT:
         """Build at the saved size, load the weights, then crop the context if this run wants it shorter."""
         model = GPT(replace(self.model_config, block_size=ckpt["model_config"]["block_size"]))
@@ -179,7 +194,7 @@ class Trainer:
         self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
         for group, weight_decay in zip(self.optimizer.param_groups, (optim.weight_decay, 0.0), strict=True):
             group.update(
-                lr=optim.lr * lr_factor(self.step, self.cfg.lr, optim.lr),
+                lr=optim.lr * lr_factor(self.step, self.lr_config, optim.lr),
                 betas=(optim.beta1, optim.beta2),
                 eps=optim.eps,
                 weight_decay=weight_decay,
@@ -229,7 +244,7 @@ class Trainer:
         return losses
 
     def fit(self) -> float:
-        """Train to `train.max_iters` (or only evaluate, with `eval_only`); returns the best val loss."""
+        """Train to the run's last step (or only evaluate, with `eval_only`); returns the best val loss."""
         t = self.cfg.train
         if self.resumed:
             trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
@@ -252,10 +267,10 @@ class Trainer:
         t = self.cfg.train
         first_step = self.step
         window_start, window_steps, train_seconds = time.perf_counter(), 0, 0.0
-        while self.step < t.max_iters:
+        while self.step < self.max_iters:
             loss, grad_norm, lr = self.train_step()
             window_steps += 1
-            finished = self.step == t.max_iters
+            finished = self.step == self.max_iters
             if (self.step - 1) % t.log_interval == 0 or finished:
                 loss_value = loss.item()  # waits for the device: only at log intervals
                 if not math.isfinite(loss_value):
@@ -311,7 +326,7 @@ class Trainer:
         if not save:
             return
         last, best = self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt"
-        if self.cfg.train.always_save_checkpoint or self.step == self.cfg.train.max_iters:
+        if self.cfg.train.always_save_checkpoint or self.step == self.max_iters:
             save_checkpoint(last, self.state_dict())
             if improved:
                 link_checkpoint(last, best)
@@ -355,5 +370,5 @@ class Trainer:
             ", compiled" if self.cfg.system.compile else "",
             "evaluating only" if t.eval_only else "training",
             self.step,
-            t.max_iters,
+            self.max_iters,
         )
