@@ -61,15 +61,18 @@ def test_gpt2_prepare_matches_encoding_the_whole_text(
 
 def test_safe_cuts_never_change_bpe_tokens(gpt2_bpe: None) -> None:
     rng = np.random.default_rng(0)
-    pieces = ["word", " word", "\n", "\n\n", " \n", "  ", ".", "'s", "42", "é", "\t", "—"]
+    pieces = ["word", " word", "\n", "\n\n", " \n", "\r\n", "  ", ".", "'s", "42", "é", "\t", "—", "Ünï"]
     enc = TiktokenTokenizer("gpt2")
     for _ in range(200):
         text = "".join(rng.choice(pieces, size=60))
         cut = safe_cut(text)
         if cut is not None:
-            assert text[cut - 1] == "\n" and not text[cut - 2].isspace() and not text[cut].isspace()
+            after_newline = text[cut - 1] == "\n" and not text[cut - 2].isspace() and not text[cut].isspace()
+            between_words = text[cut] == " " and text[cut - 1].isalpha() and text[cut + 1].isalpha()
+            assert after_newline or between_words
             assert enc.encode(text[:cut]) + enc.encode(text[cut:]) == enc.encode(text)
-    assert safe_cut("a\n\nb") is None and safe_cut("a \nb") is None and safe_cut("a\nb\nc") == 4
+    assert safe_cut("a\n\nb") is None and safe_cut("a \nb") is None and safe_cut("a\r\n1") is None
+    assert safe_cut("a\nb\nc") == 4 and safe_cut("ab cd\r\n") == 2 and safe_cut("x\nab cd", start=3) == 4
 
 
 def test_prepare_is_idempotent_unless_overwrite(tmp_path: Path) -> None:

@@ -135,12 +135,12 @@ def test_interrupted_preparation_continues_to_the_same_result(
         return real_route(*a, **k)
 
     monkeypatch.setattr(prepare_module, "_route", route_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):  # Ctrl-C: a warning that says how to continue, exit status 130
         prepare_dataset(tmp_path / "resumed", "text", source, *args)
     out = tmp_path / "resumed" / "text"
-    assert (out / "progress.json").is_file() and not (out / "meta.json").exists()
+    assert (out / ".prepare" / "progress.json").is_file() and not (out / "meta.json").exists()
     monkeypatch.setattr(prepare_module, "_route", real_route)
-    with pytest.raises(UserError, match="interrupted preparation made with other settings"):
+    with pytest.raises(UserError, match="interrupted preparation made with other settings or another corpus"):
         prepare_dataset(tmp_path / "resumed", "text", source, *args[:-1], "data.val_split=tail")
     prepare_dataset(tmp_path / "resumed", "text", source, *args)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
@@ -195,3 +195,94 @@ def test_unreachable_hugging_face_dataset_names_it_and_the_local_fix(
     with pytest.raises(UserError, match=r"HuggingFaceFW/fineweb-edu \(sample-10BT\).*data.source=<that dir>"):
         prepare_dataset(tmp_path, "fineweb_edu", "hf:HuggingFaceFW/fineweb-edu")
     assert not (tmp_path / "fineweb_edu").exists()
+
+
+def test_interrupted_between_finishing_a_shard_and_recording_it(
+    gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard renamed to its final name whose progress record never landed is reopened, not lost."""
+    source = write_jsonl(tmp_path / "corpus.jsonl", documents(12_000, words=60))
+    args = ("workers=1", "task_mb=1", "data.shard_tokens=100000", "data.val_split=docs")
+    reference = prepare_dataset(tmp_path / "reference", "text", source, *args)
+    real_save, calls = prepare_module._save_progress, []
+
+    def save_then_crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(prepare_module, "_save_progress", save_then_crash)
+    with pytest.raises(SystemExit):
+        prepare_dataset(tmp_path / "resumed", "text", source, *args)
+    monkeypatch.setattr(prepare_module, "_save_progress", real_save)
+    out = prepare_dataset(tmp_path / "resumed", "text", source, *args)
+    for path in reference.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_overwrite_with_a_bad_corpus_keeps_the_prepared_dataset(gpt2_bpe: None, tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", documents(100))
+    out = prepare_dataset(tmp_path / "data", "text", good)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 42}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl: field 'text' holds int, not text"):
+        prepare_dataset(tmp_path / "data", "text", tmp_path / "bad.jsonl", "overwrite=true")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_changed_corpus_is_not_mixed_into_an_interrupted_preparation(
+    gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_jsonl(tmp_path / "corpus.jsonl", documents(12_000, words=60))
+    args = ("workers=1", "task_mb=1", "data.shard_tokens=100000")
+    real_route, calls = prepare_module._route, []
+
+    def route_then_crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_route(*a, **k)
+
+    monkeypatch.setattr(prepare_module, "_route", route_then_crash)
+    with pytest.raises(SystemExit):
+        prepare_dataset(tmp_path, "text", source, *args)
+    monkeypatch.setattr(prepare_module, "_route", real_route)
+    with open(source, "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    with pytest.raises(UserError, match=r"another corpus.*overwrite=true"):
+        prepare_dataset(tmp_path, "text", source, *args)
+
+
+def test_leading_empty_documents_and_odd_text(gpt2_bpe: None, tmp_path: Path) -> None:
+    """No separator before the first document with text; null is an empty document; lone surrogates
+    are replaced, as encode_ordinary does."""
+    lines = [{"text": ""}, {"text": None}, {"text": "Hello world"}, {"text": "a\ud800b"}, {"text": "x " * 50}]
+    source = tmp_path / "odd.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dataset = TokenDataset(prepare_dataset(tmp_path, "text", source))
+    tokens = all_tokens(dataset, "train") + all_tokens(dataset, "val")
+    enc = TiktokenTokenizer("gpt2")
+    assert tokens[:2] == enc.encode("Hello world") and tokens[2] == EOT
+    assert enc.decode(tokens) == "Hello world<|endoftext|>a\ufffdb<|endoftext|>" + "x " * 50
+
+
+def test_parquet_column_that_is_not_text(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    with pytest.raises(UserError, match=r"numbers\.parquet: column 'text' holds int64, not text"):
+        prepare_dataset(tmp_path, "text", tmp_path / "numbers.parquet")
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_txt_without_plain_newlines_is_still_chunked_without_changing_tokens(
+    gpt2_bpe: None, tmp_path: Path, corpus_file: Path, newline: str
+) -> None:
+    """CRLF text or blank-line paragraphs have no newline cut point: chunks are cut between words."""
+    text = corpus_file.read_text().replace("\n", newline)
+    (tmp_path / "corpus.txt").write_bytes(text.encode())
+    from hydragpt.data.sources import _txt_records
+
+    chunks = [r.payload for r in _txt_records(tmp_path / "corpus.txt", chunk_bytes=64 * 1024)]
+    assert len(chunks) > 10 and "".join(chunks) == text and max(map(len, chunks)) < 80 * 1024
+    enc = TiktokenTokenizer("gpt2")
+    assert [t for chunk in chunks for t in enc.encode(chunk)] == enc.encode(text)

@@ -99,6 +99,24 @@ class SplitTokens:
         return out
 
 
+def _allow_open_files(n_shards: int) -> None:
+    """Each memory-mapped shard holds a file descriptor: raise the soft limit (often 1024) if needed."""
+    try:
+        import resource
+    except ImportError:  # not on this platform (Windows): nothing to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = n_shards + 256  # and room for everything else the process opens
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise UserError(
+            f"the dataset has {n_shards} shards but this process may open only {hard} files",
+            "raise the limit (`ulimit -n`), or prepare with a larger data.shard_tokens",
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 class TokenDataset:
     """The train and val splits of one prepared dataset, memory-mapped once and shared by all loaders.
 
@@ -118,6 +136,7 @@ class TokenDataset:
                 f"tokenizer vocab {self.tokenizer.vocab_size}",
                 redo,
             )
+        _allow_open_files(sum(len(shards) for shards in self.meta.shards.values()))
         self.splits = {
             split: SplitTokens(
                 [open_shard(dataset_dir / s["file"], dtype, s["tokens"]) for s in self.meta.shards.get(split, [])]

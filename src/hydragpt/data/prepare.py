@@ -11,8 +11,10 @@ The validation split (`data.val_split`):
 - `head`: the first `val_tokens` tokens of the stream, as build-nanogpt makes FineWeb's first shard val.
 Documents are separated by the tokenizer's separator (GPT-2's <|endoftext|>), the first has none.
 
-An interrupted preparation resumes: `progress.json` records, after every finished shard, how many
-batches are done and how far each split's partial shard got. Re-running continues from there.
+Everything is written into a staging directory, `<dataset>/.prepare/`, and moved into place at the end,
+so a failure never touches a dataset prepared before (`overwrite=true` included). An interrupted
+preparation resumes: `progress.json` there records, after every finished shard, how many batches are
+done and how far each split's partial shard got, and re-running with the same settings continues.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -35,12 +39,20 @@ from hydragpt.config import PrepareConfig
 from hydragpt.data.dataset import META_FILE, META_FORMAT, SPLITS, DatasetMeta, read_meta, write_meta
 from hydragpt.data.shards import PARTIAL_SUFFIX, ShardWriter
 from hydragpt.data.sources import JSONL, Batch, Source, batches, open_source
-from hydragpt.data.tokenizer import CHAR, CharTokenizer, TiktokenTokenizer, Tokenizer, token_dtype
+from hydragpt.data.tokenizer import (
+    CHAR,
+    CharTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    token_dtype,
+    tokenizer_from_description,
+)
 from hydragpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+STAGING_DIR = ".prepare"
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -52,30 +64,35 @@ _tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer: dict[str, Any] | None) -> None:
     global _tokenizer
-    if tokenizer is None:
-        _tokenizer = None
-    elif tokenizer["kind"] == CHAR:
-        _tokenizer = CharTokenizer(tokenizer["chars"])
-    else:
-        _tokenizer = TiktokenTokenizer(tokenizer["name"])
+    _tokenizer = None if tokenizer is None else tokenizer_from_description(tokenizer)
+
+
+def _init_pool_worker(tokenizer: dict[str, Any] | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, once
+    _init_worker(tokenizer)
 
 
 def _texts(batch: Batch, text_field: str) -> list[str]:
-    if batch.kind != JSONL:
-        return batch.records  # type: ignore[return-value]
+    """The documents' text; null is an empty document, anything else that is not text is an error."""
     texts = []
-    for line in batch.records:
-        try:
-            text = json.loads(line)[text_field]
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as ex:
-            raise UserError(f"{batch.origin} has a line that is not a JSON object: {line[:60]!r}", "fix it") from ex
-        except KeyError:
-            raise UserError(
-                f"{batch.origin} has a record without the field '{text_field}'",
-                "set data.text_field to the field holding the text",
-            ) from None
+    for record, origin in zip(batch.records, batch.origins, strict=True):
+        text = record
+        if batch.kind == JSONL:
+            try:
+                text = json.loads(record)[text_field]
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as ex:
+                raise UserError(f"{origin} has a line that is not a JSON object: {record[:60]!r}", "fix it") from ex
+            except KeyError:
+                raise UserError(
+                    f"{origin} has a record without the field '{text_field}'",
+                    "set data.text_field to the field holding the text",
+                ) from None
+        if text is None:
+            text = ""
         if not isinstance(text, str):
-            raise UserError(f"{batch.origin}: field '{text_field}' is not a string", "set data.text_field")
+            raise UserError(
+                f"{origin}: field '{text_field}' holds {type(text).__name__}, not text", "set data.text_field"
+            )
         texts.append(text)
     return texts
 
@@ -96,6 +113,7 @@ def _scan(task: tuple[Batch, str]) -> Scanned:
 class Tokenized:
     tokens: dict[str, np.ndarray]  # per split; `head` puts the whole stream under "train" for the parent to route
     n_tokens: int
+    first_document_split: str | None  # the split whose tokens start with the batch's first document's separator
 
 
 @dataclass
@@ -127,13 +145,16 @@ def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
     in_val = _val_documents(doc_ids, plan.seed, plan.fraction) if plan.mode == "docs" else None
     pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     offset = 0  # characters of the batch before this record (tail)
+    first_document_split = None
     for i, (text, starts) in enumerate(zip(texts, batch.starts_document, strict=True)):
         if not text:
             continue
         split = "val" if in_val is not None and in_val[i] else "train"
         if plan.mode == "tail" and offset >= plan.val_from:
             split = "val"
-        if starts and doc_ids[i] > 0:
+        if starts and len(separator):  # the parent drops the corpus's very first separator
+            if first_document_split is None and not pieces[split]:
+                first_document_split = split
             pieces[split].append(separator)
         if plan.mode == "tail" and offset < plan.val_from < offset + len(text):  # the split point is in here
             cut = plan.val_from - offset
@@ -143,7 +164,7 @@ def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
             pieces[split].append(encode(text))
         offset += len(text)
     tokens = {split: np.concatenate([np.empty(0, dtype), *arrays]).astype(dtype) for split, arrays in pieces.items()}
-    return Tokenized(tokens, sum(map(len, tokens.values())))
+    return Tokenized(tokens, sum(map(len, tokens.values())), first_document_split)
 
 
 def _ordered_map(
@@ -158,7 +179,7 @@ def _ordered_map(
         for item in items:
             yield item, fn(item)
         return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with ProcessPoolExecutor(workers, initializer=_init_pool_worker, initargs=init_args) as pool:
         pending: deque[tuple[Item, Future[Result]]] = deque()
         try:
             for item in items:
@@ -181,9 +202,11 @@ def _workers(requested: int | None) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
-def _fingerprint(cfg: PrepareConfig) -> dict[str, Any]:
-    """What must not change between an interrupted preparation and the one that continues it."""
-    return {"data": asdict(cfg.data), "task_mb": cfg.task_mb}
+def _fingerprint(cfg: PrepareConfig, source: Source) -> dict[str, Any]:
+    """What must not change between an interrupted preparation and the one that continues it: the
+    settings that shape the output, and the corpus itself (files, sizes, modification times)."""
+    data = {k: v for k, v in asdict(cfg.data).items() if k != "sampling"}
+    return {"data": data, "task_mb": cfg.task_mb, "source": source.identity}
 
 
 def _progress_bar(source: Source, desc: str) -> tqdm:
@@ -206,32 +229,42 @@ def _scan_corpus(cfg: PrepareConfig, dataset_dir: Path, workers: int) -> dict[st
     return {"chars_per_batch": chars_per_batch, "charset": "".join(sorted(charset))}
 
 
-def _load_progress(dataset_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    path = dataset_dir / PROGRESS_FILE
+def _load_progress(staging: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    path = staging / PROGRESS_FILE
     if not path.is_file():
         return None
     progress = json.loads(path.read_text())
-    if progress.get("fingerprint") != fingerprint:
+    if json.loads(json.dumps(fingerprint)) != progress.get("fingerprint"):
         raise UserError(
-            f"{dataset_dir} holds an interrupted preparation made with other settings",
+            f"{staging.parent} holds an interrupted preparation made with other settings or another corpus",
             "re-run with the same settings to continue it, or with overwrite=true to start over",
         )
     return progress
 
 
-def _save_progress(dataset_dir: Path, progress: dict[str, Any]) -> None:
-    tmp = dataset_dir / (PROGRESS_FILE + ".tmp")
+def _save_progress(staging: Path, progress: dict[str, Any]) -> None:
+    tmp = staging / (PROGRESS_FILE + ".tmp")
     tmp.write_text(json.dumps(progress))
-    os.replace(tmp, dataset_dir / PROGRESS_FILE)
+    os.replace(tmp, staging / PROGRESS_FILE)
 
 
-def _remove_outputs(dataset_dir: Path) -> None:
-    """Delete prepared outputs (never a downloaded raw corpus cached beside them)."""
-    for path in dataset_dir.glob("*"):
-        if path.name in (META_FILE, PROGRESS_FILE) or (
-            path.name.startswith(tuple(f"{s}_" for s in SPLITS)) and path.name.endswith((".bin", PARTIAL_SUFFIX))
-        ):
+def _is_output(path: Path) -> bool:
+    """A file prepare writes (never a downloaded raw corpus cached beside them)."""
+    return path.name in (META_FILE, PROGRESS_FILE) or (
+        path.name.startswith(tuple(f"{s}_" for s in SPLITS)) and path.name.endswith((".bin", PARTIAL_SUFFIX))
+    )
+
+
+def _publish(staging: Path, dataset_dir: Path, meta: DatasetMeta) -> None:
+    """Replace the dataset's previous outputs by the staged ones; meta.json, written last, marks it done."""
+    for path in dataset_dir.iterdir():
+        if _is_output(path):
             path.unlink()
+    for split in SPLITS:
+        for shard in meta.shards[split]:
+            os.replace(staging / shard["file"], dataset_dir / shard["file"])
+    write_meta(dataset_dir, meta)
+    shutil.rmtree(staging)
 
 
 def _already_prepared(dataset_dir: Path) -> bool:
@@ -248,11 +281,21 @@ def prepare(cfg: PrepareConfig) -> Path:
     if not cfg.overwrite and _already_prepared(dataset_dir):
         log.info("%s is already prepared in %s (overwrite=true to redo it)", d.name, dataset_dir)
         return dataset_dir
-    source = open_source(d, dataset_dir, cfg.task_mb * 2**20)  # a bad source fails here, before anything is removed
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    progress = None if cfg.overwrite else _load_progress(dataset_dir, _fingerprint(cfg))
+    try:
+        return _prepare(cfg, dataset_dir)
+    except KeyboardInterrupt:
+        log.warning("interrupted: run the same command again to continue from the last finished shard")
+        raise SystemExit(130) from None
+
+
+def _prepare(cfg: PrepareConfig, dataset_dir: Path) -> Path:
+    d = cfg.data
+    source = open_source(d, dataset_dir, cfg.task_mb * 2**20)
+    staging = dataset_dir / STAGING_DIR
+    progress = None if cfg.overwrite else _load_progress(staging, _fingerprint(cfg, source))
     if progress is None:
-        _remove_outputs(dataset_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
     workers = _workers(cfg.workers)
     start = time.perf_counter()
 
@@ -262,30 +305,33 @@ def prepare(cfg: PrepareConfig) -> Path:
         source = open_source(d, dataset_dir, cfg.task_mb * 2**20)  # read again from the start
     tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else TiktokenTokenizer(d.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: ShardWriter(dataset_dir, split, dtype, d.shard_tokens) for split in SPLITS}
-    state = {"batches": 0, "documents": 0, "bytes": 0, "head_val_tokens": 0}
+    writers = {split: ShardWriter(staging, split, dtype, d.shard_tokens) for split in SPLITS}
+    state = {"batches": 0, "documents": 0, "bytes": 0, "head_val_tokens": 0, "wrote_document": False}
     if progress:
         state = progress["state"]
-        for split, writer in writers.items():
-            writer.restore(**progress["writers"][split])
+        try:
+            for split, writer in writers.items():
+                writer.restore(**progress["writers"][split])
+        except (OSError, UserError) as ex:
+            what = f"cannot continue the interrupted preparation in {staging}: {ex}"
+            raise UserError(what, "start over with overwrite=true") from ex
         log.info("continuing an interrupted preparation after %d batches", state["batches"])
-    _write_shards(cfg, dataset_dir, source, tokenizer, scan, writers, state, workers)
+    _write_shards(cfg, staging, source, tokenizer, scan, writers, state, workers)
 
     meta = _dataset_meta(cfg, tokenizer, writers, state["documents"])
-    write_meta(dataset_dir, meta)
-    (dataset_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    _publish(staging, dataset_dir, meta)
     _log_summary(cfg, dataset_dir, meta, state["bytes"], time.perf_counter() - start, workers)
     return dataset_dir
 
 
 def _write_shards(
     cfg: PrepareConfig,
-    dataset_dir: Path,
+    staging: Path,
     source: Source,
     tokenizer: Tokenizer,
     scan: dict[str, Any] | None,
     writers: dict[str, ShardWriter],
-    state: dict[str, int],
+    state: dict[str, Any],
     workers: int,
 ) -> None:
     """Pass 2: tokenize the batches not done yet and write them, recording progress at each finished shard."""
@@ -298,6 +344,8 @@ def _write_shards(
         for batch in batches(source.records, task_bytes):
             val_from = plan.val_from - chars_before
             if scan is not None:
+                if batch.index >= len(scan["chars_per_batch"]):
+                    raise UserError(f"the corpus {source.description} changed while it was being prepared", "re-run")
                 chars_before += scan["chars_per_batch"][batch.index]
             if batch.index >= state["batches"]:
                 yield batch, d.text_field, SplitPlan(plan.mode, val_from, plan.fraction, plan.seed)
@@ -317,12 +365,12 @@ def _write_shards(
                 for writer in writers.values():
                     writer.flush()
                 progress = {
-                    "fingerprint": _fingerprint(cfg),
+                    "fingerprint": _fingerprint(cfg, source),
                     "scan": scan,
                     "state": state,
                     "writers": {split: writer.state() for split, writer in writers.items()},
                 }
-                _save_progress(dataset_dir, progress)
+                _save_progress(staging, progress)
     for writer in writers.values():
         writer.close()
 
@@ -368,9 +416,13 @@ def _split_plan(cfg: PrepareConfig, scan: dict[str, Any] | None) -> SplitPlan:
     return SplitPlan("head")
 
 
-def _route(result: Tokenized, writers: dict[str, ShardWriter], head_val: int | None, state: dict[str, int]) -> int:
+def _route(result: Tokenized, writers: dict[str, ShardWriter], head_val: int | None, state: dict[str, Any]) -> int:
     """Write a batch's tokens to the split writers; returns how many shards that finished."""
     tokens = dict(result.tokens)
+    if result.first_document_split is not None and not state["wrote_document"]:
+        first = result.first_document_split  # the corpus's first document: no separator before it
+        tokens[first] = tokens[first][1:]
+    state["wrote_document"] = state["wrote_document"] or result.first_document_split is not None
     if head_val is not None:  # the first `head_val` tokens of the stream are val
         stream = tokens["train"]
         take = max(0, min(len(stream), head_val - state["head_val_tokens"]))

@@ -88,7 +88,10 @@ class ShardWriter:
         self.shard_sizes = [read_header(self.dir / shard_name(self.split, i))[1] for i in range(finished)]
         self.partial_tokens = partial_tokens
         if partial_tokens:
-            self._file = open(self._partial_path, "r+b")  # noqa: SIM115 -- kept open while the shard fills
+            partial = self._partial_path
+            if not partial.exists():  # the shard was finished after the progress was recorded: reopen it
+                os.replace(partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX)), partial)
+            self._file = open(partial, "r+b")  # noqa: SIM115 -- kept open while the shard fills
             self._file.truncate(HEADER.size + partial_tokens * self.dtype.itemsize)
             self._file.seek(0, os.SEEK_END)
 

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from hydragpt.config import DataConfig
@@ -42,15 +43,16 @@ class Record:
 
 @dataclass
 class Batch:
-    """One tokenization task: records of one kind from one origin, about `task_bytes` of input."""
+    """One tokenization task: records of one kind, about `task_bytes` of text."""
 
     index: int
     kind: str
-    origin: str
     next_document: int  # index the first document starting in this batch gets (documents count from 0)
     records: list[str | bytes] = field(default_factory=list)
     starts_document: list[bool] = field(default_factory=list)
-    n_bytes: int = 0
+    origins: list[str] = field(default_factory=list)
+    size: int = 0  # characters or bytes of the records' text, what a task is sized by
+    n_bytes: int = 0  # input bytes, for progress
 
     @property
     def n_documents(self) -> int:
@@ -62,22 +64,23 @@ class Source:
     description: str
     records: Iterator[Record]
     total_bytes: int | None  # for the progress bar, when known up front
+    identity: list[Any]  # what an interrupted preparation checks before continuing: files, sizes, times
 
 
 def batches(records: Iterator[Record], task_bytes: int) -> Iterator[Batch]:
-    """Group records into batches of about `task_bytes` each; a batch never mixes kinds or origins."""
+    """Group records into batches of about `task_bytes` of text each; a batch never mixes kinds."""
     current: Batch | None = None
     index = next_document = 0
     for record in records:
-        if current is not None and (
-            current.n_bytes >= task_bytes or current.kind != record.kind or current.origin != record.origin
-        ):
+        if current is not None and (current.size >= task_bytes or current.kind != record.kind):
             yield current
             current, index = None, index + 1
         if current is None:
-            current = Batch(index, record.kind, record.origin, next_document)
+            current = Batch(index, record.kind, next_document)
         current.records.append(record.payload)
         current.starts_document.append(record.starts_document)
+        current.origins.append(record.origin)
+        current.size += len(record.payload)
         current.n_bytes += record.n_bytes
         next_document += record.starts_document
     if current is not None:
@@ -97,10 +100,12 @@ def open_source(data: DataConfig, dataset_dir: Path, task_bytes: int) -> Source:
         files = [_download(data.source, dataset_dir)]
     else:
         files = _local_files(data.source)
+    stats = [f.stat() for f in files]
     return Source(
         description=data.source,
         records=_file_records(files, data.text_field, task_bytes),
-        total_bytes=sum(f.stat().st_size for f in files),
+        total_bytes=sum(st.st_size for st in stats),
+        identity=[[str(f), st.st_size, st.st_mtime_ns] for f, st in zip(files, stats, strict=True)],
     )
 
 
@@ -160,24 +165,33 @@ def _file_records(files: list[Path], text_field: str, chunk_bytes: int) -> Itera
             yield from _parquet_records(path, text_field)
 
 
-def safe_cut(text: str) -> int | None:
-    """A position where `text` can be cut without changing how a BPE encoding splits it, or None.
+def safe_cut(text: str, start: int = 0) -> int | None:
+    """The last position in text[start:] where `text` can be cut without changing its BPE tokens, or None.
 
-    After a newline that sits between two non-space characters: the pre-tokenizer patterns of GPT-2,
-    cl100k and o200k all end a piece at such a newline and start the next one after it.
+    The pre-tokenizer patterns of GPT-2 (r50k, p50k), cl100k and o200k all end a piece, and start the
+    next, after a newline between two non-space characters and before a space between two letters.
     """
     end = len(text) - 1
-    while (i := text.rfind("\n", 1, end)) > 0:
+    while (i := text.rfind("\n", max(start, 1), end)) > 0:
         if not text[i - 1].isspace() and not text[i + 1].isspace():
             return i + 1
         end = i
+    end = len(text) - 1
+    while (i := text.rfind(" ", max(start, 1), end)) > 0:
+        if text[i - 1].isalpha() and text[i + 1].isalpha():
+            return i
+        end = i
     return None
+
+
+# A chunk with no safe cut point grows to this many times the task size before it is cut anyway.
+MAX_CHUNK_FACTOR = 8
 
 
 def _txt_records(path: Path, chunk_bytes: int) -> Iterator[Record]:
     """One document per file, in chunks of about `chunk_bytes` cut at `safe_cut` points."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    pending, pending_bytes, first = "", 0, True
+    pending, pending_bytes, first, searched = "", 0, True, 0
     with open(path, "rb") as f:
         while True:
             raw = f.read(chunk_bytes)
@@ -188,12 +202,16 @@ def _txt_records(path: Path, chunk_bytes: int) -> Iterator[Record]:
             pending_bytes += len(raw)
             if not raw:
                 break
-            cut = safe_cut(pending)
-            if cut is None:  # no safe point yet: read on (a chunk grows rather than change tokens)
+            cut = safe_cut(pending, start=max(searched - 1, 0))  # earlier text held no cut point
+            searched = len(pending)
+            if cut is None and len(pending) > MAX_CHUNK_FACTOR * chunk_bytes:
+                log.warning("%s: no safe cut point in %d characters; cutting anyway may change a token", path, searched)
+                cut = len(pending)
+            if cut is None:  # read on: a chunk grows rather than change tokens
                 continue
             done = len(pending[:cut].encode())
             yield Record(TEXT, pending[:cut], first, done, str(path))
-            pending, pending_bytes, first = pending[cut:], pending_bytes - done, False
+            pending, pending_bytes, first, searched = pending[cut:], pending_bytes - done, False, 0
     if pending or first:
         yield Record(TEXT, pending, first, pending_bytes, str(path))
 
@@ -206,6 +224,7 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
 
 
 def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -217,10 +236,16 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
             f"{path} has no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)})",
             "set data.text_field to the column holding the text",
         )
-    bytes_per_row = path.stat().st_size / max(parquet.metadata.num_rows, 1)
+    column_type = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise UserError(f"{path}: column '{text_field}' holds {column_type}, not text", "set data.text_field")
+    size, rows, done_rows, done_bytes = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0, 0
     for table in parquet.iter_batches(batch_size=1024, columns=[text_field]):
         for text in table.column(0).to_pylist():
-            yield Record(TEXT, text or "", True, round(bytes_per_row), str(path))
+            done_rows += 1
+            n_bytes = size * done_rows // rows - done_bytes  # the file's bytes, spread over its rows
+            done_bytes += n_bytes
+            yield Record(TEXT, text or "", True, n_bytes, str(path))
 
 
 def _hf_source(data: DataConfig) -> Source:
@@ -231,6 +256,7 @@ def _hf_source(data: DataConfig) -> Source:
     label = name + (f" ({data.hf_name})" if data.hf_name else "")
     try:
         dataset = datasets.load_dataset(name, data.hf_name, split=data.hf_split, streaming=data.streaming)
+        identity = [name, data.hf_name, data.hf_split, getattr(dataset, "_fingerprint", None)]
         dataset = dataset.select_columns([data.text_field])
     except Exception as ex:  # network, hub and schema errors come in many types
         first_line = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
@@ -245,4 +271,4 @@ def _hf_source(data: DataConfig) -> Source:
                 text = text or ""
                 yield Record(TEXT, text, True, len(text), label)
 
-    return Source(description=data.source, records=records(), total_bytes=None)
+    return Source(description=data.source, records=records(), total_bytes=None, identity=identity)
