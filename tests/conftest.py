@@ -44,6 +44,20 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
     )
 
 
+def train_debug(data_dir: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """scripts/train.py on the debug model for 30 iterations, evaluating at 0, 15 and 30."""
+    return run_script(
+        "train",
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        "train.max_iters=30",
+        "train.eval_interval=15",
+        "optim.lr=1e-2",
+        *overrides,
+    )
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny-Shakespeare corpus when ../shared has it, else a generated English-like text."""
@@ -106,14 +120,6 @@ def train_run(data_dir: Path, tmp_path: Path) -> Callable[..., subprocess.Comple
 def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """A finished 30-iteration debug run, shared by the sampling and error tests."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = run_script(
-        "train",
-        *DEBUG_RUN,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
-        "train.max_iters=30",
-        "train.eval_interval=15",
-        "optim.lr=1e-2",
-    )
+    result = train_debug(data_dir, run_dir)
     assert result.returncode == 0, result.stderr
     return run_dir

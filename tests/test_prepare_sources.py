@@ -47,6 +47,22 @@ def split_documents(tokens: list[int]) -> list[list[int]]:
     return [*docs, current]
 
 
+def interrupt(monkeypatch: pytest.MonkeyPatch, function: str, call: int, *args: object) -> None:
+    """Run `prepare_dataset(*args)` with Ctrl-C arriving at the `call`-th call of prepare's `function`."""
+    real, calls = getattr(prepare_module, function), []
+
+    def crash(*a: object, **k: object) -> object:
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(prepare_module, function, crash)
+        with pytest.raises(SystemExit, match="130"):  # a warning that says how to continue, exit status 130
+            prepare_dataset(*args)
+
+
 def test_jsonl_documents_are_separated_by_eot_and_split_by_documents(gpt2_bpe: None, tmp_path: Path) -> None:
     docs = documents(400)
     source = write_jsonl(tmp_path / "corpus.jsonl", docs)
@@ -126,20 +142,9 @@ def test_interrupted_preparation_continues_to_the_same_result(
     args = ("workers=1", "task_mb=1", "data.shard_tokens=150000", "data.val_split=docs")
     reference = prepare_dataset(tmp_path / "reference", "text", source, *args)
 
-    real_route, calls = prepare_module._route, []
-
-    def route_then_crash(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:  # after the first batch, which finished a shard
-            raise KeyboardInterrupt
-        return real_route(*a, **k)
-
-    monkeypatch.setattr(prepare_module, "_route", route_then_crash)
-    with pytest.raises(SystemExit):  # Ctrl-C: a warning that says how to continue, exit status 130
-        prepare_dataset(tmp_path / "resumed", "text", source, *args)
+    interrupt(monkeypatch, "_route", 2, tmp_path / "resumed", "text", source, *args)  # after a finished shard
     out = tmp_path / "resumed" / "text"
     assert (out / ".prepare" / "progress.json").is_file() and not (out / "meta.json").exists()
-    monkeypatch.setattr(prepare_module, "_route", real_route)
     with pytest.raises(UserError, match="interrupted preparation made with other settings or another corpus"):
         prepare_dataset(tmp_path / "resumed", "text", source, *args[:-1], "data.val_split=tail")
     prepare_dataset(tmp_path / "resumed", "text", source, *args)
@@ -204,18 +209,7 @@ def test_interrupted_between_finishing_a_shard_and_recording_it(
     source = write_jsonl(tmp_path / "corpus.jsonl", documents(12_000, words=60))
     args = ("workers=1", "task_mb=1", "data.shard_tokens=100000", "data.val_split=docs")
     reference = prepare_dataset(tmp_path / "reference", "text", source, *args)
-    real_save, calls = prepare_module._save_progress, []
-
-    def save_then_crash(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_save(*a, **k)
-
-    monkeypatch.setattr(prepare_module, "_save_progress", save_then_crash)
-    with pytest.raises(SystemExit):
-        prepare_dataset(tmp_path / "resumed", "text", source, *args)
-    monkeypatch.setattr(prepare_module, "_save_progress", real_save)
+    interrupt(monkeypatch, "_save_progress", 2, tmp_path / "resumed", "text", source, *args)
     out = prepare_dataset(tmp_path / "resumed", "text", source, *args)
     for path in reference.iterdir():
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
@@ -236,18 +230,7 @@ def test_changed_corpus_is_not_mixed_into_an_interrupted_preparation(
 ) -> None:
     source = write_jsonl(tmp_path / "corpus.jsonl", documents(12_000, words=60))
     args = ("workers=1", "task_mb=1", "data.shard_tokens=100000")
-    real_route, calls = prepare_module._route, []
-
-    def route_then_crash(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_route(*a, **k)
-
-    monkeypatch.setattr(prepare_module, "_route", route_then_crash)
-    with pytest.raises(SystemExit):
-        prepare_dataset(tmp_path, "text", source, *args)
-    monkeypatch.setattr(prepare_module, "_route", real_route)
+    interrupt(monkeypatch, "_route", 2, tmp_path, "text", source, *args)
     with open(source, "a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
     with pytest.raises(UserError, match=r"another corpus.*overwrite=true"):

@@ -8,20 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DEBUG_RUN, prepare_dataset, run_script
+from tests.conftest import prepare_dataset, train_debug
 
 
 def train_on(data_dir: Path, run_dir: Path, *overrides: str) -> list[dict]:
-    result = run_script(
-        "train",
-        *DEBUG_RUN,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
-        "train.max_iters=30",
-        "train.eval_interval=15",
-        "optim.lr=1e-2",
-        *overrides,
-    )
+    result = train_debug(data_dir, run_dir, *overrides)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

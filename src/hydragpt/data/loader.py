@@ -58,7 +58,25 @@ def data_parallel_rank() -> tuple[int, int]:
     return 0, 1
 
 
-class RandomBatchLoader:
+class _WindowLoader:
+    """What both loaders share: the split, the batch shape, and this rank's place among all ranks."""
+
+    def __init__(
+        self, tokens: SplitTokens, batch_size: int, block_size: int, device: torch.device, rank: int, world_size: int
+    ) -> None:
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+
+    def _batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets of the windows at `starts`, each (batch_size, block_size) int64."""
+        return to_device_batch(self.tokens.windows(starts, self.block_size + 1), self.device)
+
+
+class RandomBatchLoader(_WindowLoader):
     """Windows at uniformly random positions of the split, as nanoGPT samples them (cheap, no epochs).
 
     The positions come from the loader's own seeded generator, not the global RNG, and every rank draws
@@ -75,20 +93,13 @@ class RandomBatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.tokens = tokens
-        self.batch_size = batch_size
-        self.block_size = block_size
-        self.device = device
-        self.rank = rank
-        self.world_size = world_size
+        super().__init__(tokens, batch_size, block_size, device, rank, world_size)
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (batch_size, block_size) int64 on the device."""
         n = self.world_size * self.batch_size
         starts = torch.randint(len(self.tokens) - self.block_size, (n,), generator=self.generator).numpy()
-        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return to_device_batch(self.tokens.windows(mine, self.block_size + 1), self.device)
+        return self._batch(starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampling": "random", "generator": self.generator.get_state()}
@@ -98,7 +109,7 @@ class RandomBatchLoader:
         self.generator.set_state(state["generator"])
 
 
-class SequentialBatchLoader:
+class SequentialBatchLoader(_WindowLoader):
     """Every window of the split exactly once per epoch, in order, across shard boundaries.
 
     Window k holds tokens [k * block_size, (k + 1) * block_size + 1): consecutive windows tile the split
@@ -115,12 +126,7 @@ class SequentialBatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.tokens = tokens
-        self.batch_size = batch_size
-        self.block_size = block_size
-        self.device = device
-        self.rank = rank
-        self.world_size = world_size
+        super().__init__(tokens, batch_size, block_size, device, rank, world_size)
         self.n_windows = (len(tokens) - 1) // block_size
         if self.n_windows < world_size * batch_size:
             raise UserError(
@@ -140,10 +146,9 @@ class SequentialBatchLoader:
         return (first + np.arange(self.batch_size)) % self.n_windows
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (batch_size, block_size) int64 on the device."""
         starts = self.window_indices() * self.block_size
         self.position += self.world_size * self.batch_size
-        return to_device_batch(self.tokens.windows(starts, self.block_size + 1), self.device)
+        return self._batch(starts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampling": "sequential", "position": self.position}
