@@ -72,6 +72,7 @@ def test_safe_cuts_never_change_bpe_tokens(gpt2_bpe: None) -> None:
             assert after_newline or between_words
             assert enc.encode(text[:cut]) + enc.encode(text[cut:]) == enc.encode(text)
     assert safe_cut("a\n\nb") is None and safe_cut("a \nb") is None and safe_cut("a\r\n1") is None
+    assert safe_cut("x.\n/usr") is None  # o200k's punctuation pieces take newlines and a "/" after them
     assert safe_cut("a\nb\nc") == 4 and safe_cut("ab cd\r\n") == 2 and safe_cut("x\nab cd", start=3) == 4
 
 

@@ -209,7 +209,7 @@ def test_interrupted_between_finishing_a_shard_and_recording_it(
     source = write_jsonl(tmp_path / "corpus.jsonl", documents(12_000, words=60))
     args = ("workers=1", "task_mb=1", "data.shard_tokens=100000", "data.val_split=docs")
     reference = prepare_dataset(tmp_path / "reference", "text", source, *args)
-    interrupt(monkeypatch, "_save_progress", 2, tmp_path / "resumed", "text", source, *args)
+    interrupt(monkeypatch, "_save_record", 2, tmp_path / "resumed", "text", source, *args)
     out = prepare_dataset(tmp_path / "resumed", "text", source, *args)
     for path in reference.iterdir():
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
@@ -269,3 +269,36 @@ def test_txt_without_plain_newlines_is_still_chunked_without_changing_tokens(
     assert len(chunks) > 10 and "".join(chunks) == text and max(map(len, chunks)) < 80 * 1024
     enc = TiktokenTokenizer("gpt2")
     assert [t for chunk in chunks for t in enc.encode(chunk)] == enc.encode(text)
+
+
+def test_overwrite_interrupted_while_publishing_finishes_on_the_next_run(
+    gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the old dataset's files are gone but before the new meta.json: the next run, with
+    overwrite=true or without, moves the finished shards in and writes meta.json."""
+    old, new = write_jsonl(tmp_path / "old.jsonl", documents(50)), write_jsonl(tmp_path / "new.jsonl", documents(80, 1))
+    reference = prepare_dataset(tmp_path / "reference", "text", new, "data.shard_tokens=500")
+    for rerun in (("overwrite=true",), ()):
+        data = tmp_path / f"data{len(rerun)}"
+        prepare_dataset(data, "text", old, "data.shard_tokens=500")
+        interrupt(monkeypatch, "write_meta", 1, data, "text", new, "data.shard_tokens=500", "overwrite=true")
+        assert not (data / "text" / "meta.json").exists()
+        out = prepare_dataset(data, "text", new, "data.shard_tokens=500", *rerun)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+        for path in reference.iterdir():
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_parquet_category_column_is_text(gpt2_bpe: None, tmp_path: Path) -> None:
+    docs = ["alpha beta", "gamma delta", "alpha beta"] * 10
+    pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode()}), tmp_path / "cats.parquet")
+    dataset = TokenDataset(prepare_dataset(tmp_path, "text", tmp_path / "cats.parquet"))
+    assert TiktokenTokenizer("gpt2").decode(all_tokens(dataset, "train") + all_tokens(dataset, "val")) == (
+        "<|endoftext|>".join(docs)
+    )
+
+
+def test_absurdly_nested_json_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "deep.jsonl").write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(UserError, match=r"deep\.jsonl has a line that is not a JSON object"):
+        prepare_dataset(tmp_path, "text", tmp_path / "deep.jsonl", "data.tokenizer=char", "workers=1")

@@ -52,6 +52,7 @@ from hydragpt.errors import UserError
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+PUBLISH_FILE = "publish.json"  # in the staging directory: every shard is done, only moving them in is left
 STAGING_DIR = ".prepare"
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -80,7 +81,7 @@ def _texts(batch: Batch, text_field: str) -> list[str]:
         if batch.kind == JSONL:
             try:
                 text = json.loads(record)[text_field]
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as ex:
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, RecursionError) as ex:
                 raise UserError(f"{origin} has a line that is not a JSON object: {record[:60]!r}", "fix it") from ex
             except KeyError:
                 raise UserError(
@@ -93,8 +94,19 @@ def _texts(batch: Batch, text_field: str) -> list[str]:
             raise UserError(
                 f"{origin}: field '{text_field}' holds {type(text).__name__}, not text", "set data.text_field"
             )
-        texts.append(text)
+        texts.append(_without_surrogates(text))
     return texts
+
+
+def _without_surrogates(text: str) -> str:
+    """Lone UTF-16 surrogates (from JSON escapes) become U+FFFD, as tiktoken's encode_ordinary does."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 @dataclass
@@ -229,23 +241,35 @@ def _scan_corpus(cfg: PrepareConfig, dataset_dir: Path, workers: int) -> dict[st
     return {"chars_per_batch": chars_per_batch, "charset": "".join(sorted(charset))}
 
 
-def _load_progress(staging: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    path = staging / PROGRESS_FILE
+def _load_record(staging: Path, name: str, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """A progress or publish record of an interrupted preparation with these settings and this corpus.
+
+    One made otherwise is an error, unless `overwrite` says to start over (then None, as for none).
+    """
+    path = staging / name
     if not path.is_file():
         return None
-    progress = json.loads(path.read_text())
-    if json.loads(json.dumps(fingerprint)) != progress.get("fingerprint"):
-        raise UserError(
-            f"{staging.parent} holds an interrupted preparation made with other settings or another corpus",
-            "re-run with the same settings to continue it, or with overwrite=true to start over",
-        )
-    return progress
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = {}
+    if record.get("fingerprint") == json.loads(json.dumps(fingerprint)):
+        return record
+    if overwrite:
+        return None
+    raise UserError(
+        f"{staging.parent} holds an interrupted preparation made with other settings or another corpus",
+        "re-run with the same settings to continue it, or with overwrite=true to start over",
+    )
 
 
-def _save_progress(staging: Path, progress: dict[str, Any]) -> None:
-    tmp = staging / (PROGRESS_FILE + ".tmp")
-    tmp.write_text(json.dumps(progress))
-    os.replace(tmp, staging / PROGRESS_FILE)
+def _save_record(staging: Path, name: str, record: dict[str, Any]) -> None:
+    tmp = staging / (name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, staging / name)
 
 
 def _is_output(path: Path) -> bool:
@@ -256,13 +280,19 @@ def _is_output(path: Path) -> bool:
 
 
 def _publish(staging: Path, dataset_dir: Path, meta: DatasetMeta) -> None:
-    """Replace the dataset's previous outputs by the staged ones; meta.json, written last, marks it done."""
+    """Replace the dataset's previous outputs by the staged ones; meta.json, written last, marks it done.
+
+    Safe to repeat after an interruption: the old meta.json goes first, and shards moved already stay.
+    """
+    (dataset_dir / META_FILE).unlink(missing_ok=True)
+    new_shards = {shard["file"] for split in SPLITS for shard in meta.shards[split]}
     for path in dataset_dir.iterdir():
-        if _is_output(path):
+        moved_already = path.name in new_shards and not (staging / path.name).exists()
+        if _is_output(path) and not moved_already:
             path.unlink()
-    for split in SPLITS:
-        for shard in meta.shards[split]:
-            os.replace(staging / shard["file"], dataset_dir / shard["file"])
+    for name in sorted(new_shards):
+        if (staging / name).exists():
+            os.replace(staging / name, dataset_dir / name)
     write_meta(dataset_dir, meta)
     shutil.rmtree(staging)
 
@@ -280,6 +310,12 @@ def prepare(cfg: PrepareConfig) -> Path:
     dataset_dir = Path(cfg.paths.data_dir) / d.name
     if not cfg.overwrite and _already_prepared(dataset_dir):
         log.info("%s is already prepared in %s (overwrite=true to redo it)", d.name, dataset_dir)
+        if (dataset_dir / STAGING_DIR).exists():
+            log.warning(
+                "%s holds an interrupted overwrite=true preparation: run with overwrite=true to continue it, "
+                "or delete it",
+                dataset_dir / STAGING_DIR,
+            )
         return dataset_dir
     try:
         return _prepare(cfg, dataset_dir)
@@ -292,7 +328,13 @@ def _prepare(cfg: PrepareConfig, dataset_dir: Path) -> Path:
     d = cfg.data
     source = open_source(d, dataset_dir, cfg.task_mb * 2**20)
     staging = dataset_dir / STAGING_DIR
-    progress = None if cfg.overwrite else _load_progress(staging, _fingerprint(cfg, source))
+    fingerprint = _fingerprint(cfg, source)
+    finished = _load_record(staging, PUBLISH_FILE, fingerprint, cfg.overwrite)
+    if finished is not None:
+        log.info("finishing an interrupted preparation: every shard was done")
+        _publish(staging, dataset_dir, DatasetMeta(**finished["meta"]))
+        return dataset_dir
+    progress = _load_record(staging, PROGRESS_FILE, fingerprint, cfg.overwrite)
     if progress is None:
         shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
@@ -319,6 +361,7 @@ def _prepare(cfg: PrepareConfig, dataset_dir: Path) -> Path:
     _write_shards(cfg, staging, source, tokenizer, scan, writers, state, workers)
 
     meta = _dataset_meta(cfg, tokenizer, writers, state["documents"])
+    _save_record(staging, PUBLISH_FILE, {"fingerprint": fingerprint, "meta": asdict(meta)})
     _publish(staging, dataset_dir, meta)
     _log_summary(cfg, dataset_dir, meta, state["bytes"], time.perf_counter() - start, workers)
     return dataset_dir
@@ -370,7 +413,7 @@ def _write_shards(
                     "state": state,
                     "writers": {split: writer.state() for split, writer in writers.items()},
                 }
-                _save_progress(staging, progress)
+                _save_record(staging, PROGRESS_FILE, progress)
     for writer in writers.values():
         writer.close()
 

@@ -169,11 +169,12 @@ def safe_cut(text: str, start: int = 0) -> int | None:
     """The last position in text[start:] where `text` can be cut without changing its BPE tokens, or None.
 
     The pre-tokenizer patterns of GPT-2 (r50k, p50k), cl100k and o200k all end a piece, and start the
-    next, after a newline between two non-space characters and before a space between two letters.
+    next, after a newline between two non-space characters (o200k: not before "/", which its punctuation
+    pieces absorb along with newlines) and before a space between two letters.
     """
     end = len(text) - 1
     while (i := text.rfind("\n", max(start, 1), end)) > 0:
-        if not text[i - 1].isspace() and not text[i + 1].isspace():
+        if not text[i - 1].isspace() and not text[i + 1].isspace() and text[i + 1] != "/":
             return i + 1
         end = i
     end = len(text) - 1
@@ -237,6 +238,8 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
             "set data.text_field to the column holding the text",
         )
     column_type = parquet.schema_arrow.field(text_field).type
+    if pa.types.is_dictionary(column_type):  # pandas categories: the values are what count
+        column_type = column_type.value_type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise UserError(f"{path}: column '{text_field}' holds {column_type}, not text", "set data.text_field")
     size, rows, done_rows, done_bytes = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0, 0

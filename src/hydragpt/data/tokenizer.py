@@ -57,7 +57,7 @@ class CharTokenizer:
             ) from None
 
     def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         ids = np.searchsorted(self._codes, codes).astype(np.uint32)
         if len(ids) and not np.array_equal(self._codes[np.minimum(ids, len(self._codes) - 1)], codes):
             self.encode(text)  # raises the error that names the unknown characters
@@ -95,11 +95,7 @@ class TiktokenTokenizer:
         return self._enc.encode_ordinary(text)
 
     def encode_array(self, text: str) -> np.ndarray:
-        try:
-            return self._enc.encode_to_numpy(text, disallowed_special=())  # nothing special: encode_ordinary
-        except UnicodeEncodeError:  # lone surrogates: replace them, as encode_ordinary does
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return self._enc.encode_to_numpy(text, disallowed_special=())
+        return self._enc.encode_to_numpy(text, disallowed_special=())  # nothing special: encode_ordinary
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
