@@ -225,11 +225,10 @@ def _progress_bar(source: Source, desc: str) -> tqdm:
     return tqdm(total=source.total_bytes, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True, disable=None)
 
 
-def _scan_corpus(cfg: PrepareConfig, dataset_dir: Path, workers: int) -> dict[str, Any]:
+def _scan_corpus(cfg: PrepareConfig, source: Source, workers: int) -> dict[str, Any]:
     """Pass 1: characters per batch and the character set (for a `tail` split or the char tokenizer)."""
-    source = open_source(cfg.data, dataset_dir, cfg.task_mb * 2**20)
     chars_per_batch, charset, documents = [], set(), 0
-    tasks = ((batch, cfg.data.text_field) for batch in batches(source.records, cfg.task_mb * 2**20))
+    tasks = ((batch, cfg.data.text_field) for batch in batches(source.records(), cfg.task_mb * 2**20))
     with _progress_bar(source, "counting characters") as bar:
         for (batch, _), scanned in _ordered_map(_scan, tasks, workers, (None,)):
             chars_per_batch.append(scanned.chars)
@@ -274,7 +273,7 @@ def _save_record(staging: Path, name: str, record: dict[str, Any]) -> None:
 
 def _is_output(path: Path) -> bool:
     """A file prepare writes (never a downloaded raw corpus cached beside them)."""
-    return path.name in (META_FILE, PROGRESS_FILE) or (
+    return path.name == META_FILE or (
         path.name.startswith(tuple(f"{s}_" for s in SPLITS)) and path.name.endswith((".bin", PARTIAL_SUFFIX))
     )
 
@@ -343,8 +342,7 @@ def _prepare(cfg: PrepareConfig, dataset_dir: Path) -> Path:
 
     scan = progress["scan"] if progress else None
     if scan is None and (d.val_split == "tail" or d.tokenizer == CHAR):
-        scan = _scan_corpus(cfg, dataset_dir, workers)
-        source = open_source(d, dataset_dir, cfg.task_mb * 2**20)  # read again from the start
+        scan = _scan_corpus(cfg, source, workers)
     tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else TiktokenTokenizer(d.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(staging, split, dtype, d.shard_tokens) for split in SPLITS}
@@ -384,7 +382,7 @@ def _write_shards(
     def tasks() -> Iterator[tuple[Batch, str, SplitPlan]]:
         """Batches not done yet; done ones are still read, to keep document and character counts."""
         chars_before = 0
-        for batch in batches(source.records, task_bytes):
+        for batch in batches(source.records(), task_bytes):
             val_from = plan.val_from - chars_before
             if scan is not None:
                 if batch.index >= len(scan["chars_per_batch"]):

@@ -16,7 +16,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ class Batch:
 @dataclass
 class Source:
     description: str
-    records: Iterator[Record]
+    records: Callable[[], Iterator[Record]]  # each call reads the corpus again from its start
     total_bytes: int | None  # for the progress bar, when known up front
     identity: list[Any]  # what an interrupted preparation checks before continuing: files, sizes, times
 
@@ -103,7 +103,7 @@ def open_source(data: DataConfig, dataset_dir: Path, task_bytes: int) -> Source:
     stats = [f.stat() for f in files]
     return Source(
         description=data.source,
-        records=_file_records(files, data.text_field, task_bytes),
+        records=lambda: _file_records(files, data.text_field, task_bytes),
         total_bytes=sum(st.st_size for st in stats),
         identity=[[str(f), st.st_size, st.st_mtime_ns] for f, st in zip(files, stats, strict=True)],
     )
@@ -274,4 +274,4 @@ def _hf_source(data: DataConfig) -> Source:
                 text = text or ""
                 yield Record(TEXT, text, True, len(text), label)
 
-    return Source(description=data.source, records=records(), total_bytes=None, identity=identity)
+    return Source(description=data.source, records=records, total_bytes=None, identity=identity)
