@@ -1,11 +1,15 @@
 """Train a GPT: `python scripts/train.py experiment=shakespeare_char` (any Hydra overrides compose).
 
-Resume a stopped run with `python scripts/train.py resume=outputs/<date>/<time>`.
+Resume a stopped run with `python scripts/train.py resume=outputs/<date>/<time>`; train on N devices with
+`torchrun --nproc_per_node=N scripts/train.py ...`.
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from hydragpt.engine.distributed import hydra_overrides_for_rank
 from hydragpt.errors import run_cli, user_errors_exit
 from hydragpt.train import train
 
@@ -17,4 +21,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv += hydra_overrides_for_rank()  # only rank 0 of a torchrun job creates the run directory
     run_cli(main)

@@ -26,6 +26,8 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 OPTIMIZERS = ("adamw",)
 LR_SCHEDULES = ("cosine", "constant")
 VAL_SPLITS = ("tail", "docs", "head")
+DDP_MODES = ("none", "ddp")
+DDP_BACKENDS = ("auto", "gloo", "nccl")
 SAMPLING = ("random", "sequential")
 
 
@@ -92,6 +94,8 @@ class SystemConfig:
 @dataclass
 class DDPConfig:
     name: str
+    backend: str
+    timeout: int
 
 
 @dataclass
@@ -294,7 +298,9 @@ def validate_train(cfg: TrainConfig) -> None:
     _choice(cfg.system.dtype, DTYPES, "system.dtype")
     _choice(cfg.system.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
     validate_data(cfg.data)
-    _choice(cfg.ddp.name, ("none",), "ddp")
+    _choice(cfg.ddp.name, DDP_MODES, "ddp")
+    _choice(cfg.ddp.backend, DDP_BACKENDS, "ddp.backend")
+    _require(cfg.ddp.timeout >= 1, "ddp.timeout must be >= 1 second", "e.g. ddp.timeout=600")
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
@@ -339,11 +345,11 @@ def validate_data(d: DataConfig) -> None:
     validate_seed(d.split_seed, "data.split_seed")
 
 
-def train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
+def train_config(cfg: DictConfig | dict[str, Any], world_size: int = 1) -> TrainConfig:
     typed = to_dataclass(cfg, TrainConfig)
     validate_train(typed)
     if typed.train.init_from == "scratch":  # from a checkpoint, the block size is only known once loaded
-        grad_accum_steps(typed.train, typed.model.block_size)
+        grad_accum_steps(typed.train, typed.model.block_size, world_size)
     return typed
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydragpt.config import train_config
+from hydragpt.engine import distributed
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.engine.trainer import Trainer
 from hydragpt.errors import UserError, exit_on_user_error
@@ -111,24 +112,31 @@ def _record_resume(run_dir: Path, config: dict[str, Any], overrides: list[str]) 
 
 
 def train(cfg: DictConfig) -> float:
-    """Train as `cfg` says; returns the best val loss (what a Hydra sweeper minimizes)."""
+    """Train as `cfg` says; returns the best val loss (what a Hydra sweeper minimizes).
+
+    Under torchrun every rank runs this; rank 0's run directory is the job's, and the others learn it.
+    """
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(run_config, dict)
-    resume_from = None
-    if cfg.resume:
-        resume_from = load_checkpoint(cfg.resume)
-        overrides = list(hydra_cfg.overrides.task)
-        saved_config = {**resume_from["config"], "resume": cfg.resume}
-        run_config = apply_resume_overrides(saved_config, resume_from["config_choices"], overrides)
-    typed = train_config(run_config)
-    choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
-    trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from)
-    if resume_from:  # only once the resumed config has proven valid
-        _record_resume(run_dir, run_config, overrides)
-        log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
-    return trainer.fit()
+    env = distributed.setup(cfg.ddp, cfg.system.device)
+    try:
+        run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(run_config, dict)
+        resume_from = None
+        if cfg.resume:
+            resume_from = load_checkpoint(cfg.resume)
+            overrides = list(hydra_cfg.overrides.task)
+            saved_config = {**resume_from["config"], "resume": cfg.resume}
+            run_config = apply_resume_overrides(saved_config, resume_from["config_choices"], overrides)
+        typed = train_config(run_config, env.world_size)
+        choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
+        trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env)
+        if resume_from and env.is_main:  # only once the resumed config has proven valid
+            _record_resume(run_dir, run_config, overrides)
+            log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
+        return trainer.fit()
+    finally:
+        distributed.shutdown()
 
 
 class ValidateConfigCallback(Callback):
@@ -140,7 +148,7 @@ class ValidateConfigCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("resume"):
             task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
-            exit_on_user_error(lambda: train_config(task_config))
+            exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
 
 
 def _group_choices(hydra_cfg: DictConfig) -> dict[str, str]:

@@ -31,15 +31,21 @@ def to_device_batch(windows: np.ndarray, device: torch.device) -> tuple[torch.Te
 
 
 def evaluation_batches(
-    tokens: SplitTokens, batch_size: int, block_size: int, n_batches: int, device: torch.device
+    tokens: SplitTokens,
+    batch_size: int,
+    block_size: int,
+    n_batches: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`n_batches` batches of windows spread evenly over the whole split.
+    """This rank's share (every world_size-th) of `n_batches` batches of windows spread evenly over the split.
 
     The same windows at every evaluation and in every run of the same data: val losses differ only
     because the models do, and a stratified sample is a steadier estimate than random windows.
     """
     starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).astype(np.int64)
-    for batch_starts in starts.reshape(n_batches, batch_size):
+    for batch_starts in starts.reshape(n_batches, batch_size)[rank::world_size]:
         yield to_device_batch(tokens.windows(batch_starts, block_size + 1), device)
 
 

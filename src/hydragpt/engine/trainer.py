@@ -7,14 +7,17 @@ exact by construction: the resumed run draws the same batches and the same dropo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from hydragpt.config import GPTConfig, TrainConfig, grad_accum_steps
 from hydragpt.data.dataset import SPLITS, TokenDataset
@@ -28,6 +31,7 @@ from hydragpt.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from hydragpt.engine.distributed import DistEnv, all_reduce, gather_objects
 from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
@@ -51,17 +55,20 @@ class Trainer:
         run_config: dict[str, Any],
         config_choices: dict[str, str],
         resume_from: dict[str, Any] | None = None,
+        env: DistEnv | None = None,
     ) -> None:
         """`run_config` is the resolved config as plain data and `config_choices` the option picked in
         each config group (model: tiny_cpu, ...), both stored in every checkpoint; `resume_from` is a
-        loaded checkpoint of this same run to continue from."""
+        loaded checkpoint of this same run to continue from; `env` is this process's place in a
+        torchrun job (rank 0 of 1 by default)."""
         self.cfg = cfg
+        self.env = env or DistEnv()
         self.run_dir = run_dir
         self.config_choices = config_choices
         self.ckpt_dir = run_dir / CHECKPOINT_DIR
         t = cfg.train
 
-        self.device = resolve_device(cfg.system.device)
+        self.device = resolve_device(cfg.system.device, self.env.local_rank if self.env.is_distributed else None)
         self.dtype = resolve_dtype(cfg.system.dtype, self.device)
         torch.set_float32_matmul_precision(cfg.system.matmul_precision)
         seed_everything(cfg.system.seed)
@@ -76,9 +83,11 @@ class Trainer:
 
         self.raw_model = GPT(self.model_config) if init_ckpt is None else self._model_from_checkpoint(init_ckpt)
         self.raw_model.to(self.device)
+        if self.env.rank:  # the same initial weights everywhere, different dropout masks per rank
+            torch.manual_seed(cfg.system.seed + self.env.rank)
 
-        self.grad_accum = grad_accum_steps(t, self.model_config.block_size)
-        self.tokens_per_step = t.batch_size * self.model_config.block_size * self.grad_accum
+        self.grad_accum = grad_accum_steps(t, self.model_config.block_size, self.env.world_size)
+        self.tokens_per_step = t.batch_size * self.model_config.block_size * self.grad_accum * self.env.world_size
         self.train_loader = build_train_loader(
             cfg.data.sampling,
             self.data.splits["train"],
@@ -102,6 +111,10 @@ class Trainer:
             self.load_state_dict(resume_from)
 
         self.model: torch.nn.Module = torch.compile(self.raw_model) if cfg.system.compile else self.raw_model
+        self.eval_model = self.model  # evaluation needs no gradient averaging
+        if self.env.is_distributed:  # averages gradients over ranks during backward
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.peak_flops = peak_flops(self.device, self.dtype, cfg.system.peak_flops)
         self.flops_per_token = self.raw_model.flops_per_token()
 
@@ -174,7 +187,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
-            "rng": rng_state(),
+            "rng": gather_objects(rng_state()),  # one per rank
             "loader": self.train_loader.state_dict(),
         }
 
@@ -189,7 +202,11 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"]
         self.train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        per_rank = state["rng"]
+        if self.env.rank < len(per_rank):
+            set_rng_state(per_rank[self.env.rank])
+        else:  # resumed on more ranks than saved: the new ranks start fresh, seeded apart
+            seed_everything(self.cfg.system.seed + self.env.rank + self.step)
         optim = self.cfg.optim
         self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
         for group, weight_decay in zip(self.optimizer.param_groups, (optim.weight_decay, 0.0), strict=True):
@@ -206,13 +223,13 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches: (mean loss, grad norm, lr used)."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum):
+        for micro_step in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
-            with autocast(self.device, self.dtype):
+            with self._gradient_sync(micro_step == self.grad_accum - 1), autocast(self.device, self.dtype):
                 _, loss = self.model(x, y)
-            loss = loss / self.grad_accum  # the gradient of the mean over micro-batches
-            loss_sum += loss.detach()
-            self.scaler.scale(loss).backward()
+                loss = loss / self.grad_accum  # the gradient of the mean over micro-batches
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.grad_clip or math.inf  # 0 disables clipping; the norm is still measured
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
@@ -224,31 +241,44 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return loss_sum, grad_norm, lr
 
+    def _gradient_sync(self, sync: bool) -> AbstractContextManager:
+        """DDP averages gradients only on the last micro-step of an accumulation: one all-reduce per step."""
+        if sync or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over `eval_iters` batches of each split, the same windows at every evaluation."""
-        t = self.cfg.train
-        self.model.eval()
+        """Mean loss over `eval_iters` batches of each split, the same windows at every evaluation; under
+        torchrun each rank takes its share of the batches and the sums are all-reduced."""
+        t, env = self.cfg.train, self.env
+        self.eval_model.eval()
         losses = {}
         for split in SPLITS:
             batches = evaluation_batches(
-                self.data.splits[split], t.batch_size, self.model_config.block_size, t.eval_iters, self.device
+                self.data.splits[split],
+                t.batch_size,
+                self.model_config.block_size,
+                t.eval_iters,
+                self.device,
+                env.rank,
+                env.world_size,
             )
             total = torch.zeros((), device=self.device)
             for x, y in batches:
                 with autocast(self.device, self.dtype):
-                    _, loss = self.model(x, y)
+                    _, loss = self.eval_model(x, y)
                 total += loss.float()
-            losses[f"{split}_loss"] = (total / t.eval_iters).item()
-        self.model.train()
+            losses[f"{split}_loss"] = (all_reduce(total, "sum") / t.eval_iters).item()
+        self.eval_model.train()
         return losses
 
     def fit(self) -> float:
         """Train to the run's last step (or only evaluate, with `eval_only`); returns the best val loss."""
         t = self.cfg.train
-        if self.resumed:
+        if self.resumed and self.env.is_main:
             trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
-        self.loggers = build_loggers(self.cfg.logger, self.run_dir)
+        self.loggers = build_loggers(self.cfg.logger, self.run_dir) if self.env.is_main else []
         self._log_setup()
         self.start_time = time.perf_counter()
         try:
@@ -259,7 +289,7 @@ class Trainer:
         finally:
             for logger in self.loggers:
                 logger.close()
-        if not t.eval_only and self.cfg.logger.plot:
+        if not t.eval_only and self.cfg.logger.plot and self.env.is_main:
             log.info("plots: %s", plot_run(self.run_dir))
         return self.best_val_loss
 
@@ -272,7 +302,7 @@ class Trainer:
             window_steps += 1
             finished = self.step == self.max_iters
             if (self.step - 1) % t.log_interval == 0 or finished:
-                loss_value = loss.item()  # waits for the device: only at log intervals
+                loss_value = all_reduce(loss, "mean").item()  # waits for the device: only at log intervals
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(
                         f"loss became {loss_value} at iter {self.step - 1}",
@@ -326,13 +356,19 @@ class Trainer:
         if not save:
             return
         last, best = self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt"
-        if self.cfg.train.always_save_checkpoint or self.step == self.max_iters:
-            save_checkpoint(last, self.state_dict())
+        save_last = self.cfg.train.always_save_checkpoint or self.step == self.max_iters
+        if not (save_last or improved):
+            return
+        state = self.state_dict()  # on every rank: it gathers their RNG states
+        if not self.env.is_main:
+            return
+        if save_last:
+            save_checkpoint(last, state)
             if improved:
                 link_checkpoint(last, best)
             log.info("saved %s%s", last, " (also best.pt)" if improved else "")
-        elif improved:
-            save_checkpoint(best, self.state_dict())
+        else:
+            save_checkpoint(best, state)
             log.info("saved %s", best)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -353,8 +389,9 @@ class Trainer:
             m.vocab_size,
             m.dropout,
         )
+        ranks = f" x {self.env.world_size} ranks" if self.env.is_distributed else ""
         log.info(
-            "data %s: %s train / %s val tokens; %s tokens per step (batch %d x block %d x accumulation %d)",
+            "data %s: %s train / %s val tokens; %s tokens per step (batch %d x block %d x accumulation %d%s)",
             self.cfg.data.name,
             f"{len(self.data.splits['train']):,}",
             f"{len(self.data.splits['val']):,}",
@@ -362,6 +399,7 @@ class Trainer:
             t.batch_size,
             m.block_size,
             self.grad_accum,
+            ranks,
         )
         log.info(
             "device %s, %s%s; %s from iter %d to %d",

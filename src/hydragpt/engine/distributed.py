@@ -1,0 +1,107 @@
+"""Data parallelism under torchrun: one process per device, one shared run directory, averaged gradients.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous address) in each process it starts;
+without them a run is a single process and everything here is a no-op. Rank 0 owns the run directory
+and every file in it; the other ranks learn the directory from it, write nothing, and log warnings only.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hydragpt.config import DDPConfig
+from hydragpt.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_env() -> DistEnv:
+    """This process's place in the job, as torchrun (or SLURM through a launcher) set it in the environment."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def hydra_overrides_for_rank() -> list[str]:
+    """Command-line overrides that keep ranks other than 0 from creating a run directory or a train.log."""
+    if launched_env().is_main:
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=rank"]
+
+
+def backend_for(ddp: DDPConfig, device: str) -> str:
+    if ddp.backend != "auto":
+        return ddp.backend
+    uses_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if uses_cuda else "gloo"
+
+
+def setup(ddp: DDPConfig, device: str) -> DistEnv:
+    """Join the process group when launched with several processes; returns this process's place."""
+    env = launched_env()
+    if not env.is_distributed:
+        return env
+    if ddp.name == "none":
+        raise UserError(
+            f"launched as {env.world_size} processes but ddp=none runs a single process",
+            "drop ddp=none (ddp=ddp is the default), or launch one process",
+        )
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(ddp, device), timeout=timedelta(seconds=ddp.timeout))
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (the identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (tensors allowed), in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # object collectives pickle plainly, which CPU tensors do not survive
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    """Sum or mean of `tensor` over all ranks, in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= dist.get_world_size()
+    return tensor

@@ -1,0 +1,152 @@
+"""torchrun: 2 CPU ranks (gloo) train like 1 process with twice the accumulation, in one run directory,
+and a failing rank ends the job instead of hanging it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEBUG_RUN, REPO
+
+
+def torchrun(nproc: int, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """scripts/train.py under `torchrun --standalone` with `nproc` CPU processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*command, str(REPO / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+def losses(run_dir: Path) -> tuple[list[float], list[float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], [r["val_loss"] for r in records if "val_loss" in r]
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_two_ranks_follow_one_process_with_twice_the_accumulation(
+    data_dir: Path, tmp_path: Path, sampling: str
+) -> None:
+    common = [
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        "train.max_iters=20",
+        "train.eval_interval=10",
+        f"data.sampling={sampling}",
+    ]
+    result = torchrun(2, *common, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two_ranks,) = (tmp_path / "outputs").glob("*/*")  # exactly one run directory for the whole job
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing stray where it was launched
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            *common,
+            "train.grad_accum_steps=2",
+            f"hydra.run.dir={tmp_path / 'one'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert one.returncode == 0, one.stderr
+    (train_2, val_2), (train_1, val_1) = losses(two_ranks), losses(tmp_path / "one")
+    assert (
+        len(train_2) == 20 and train_2 == pytest.approx(train_1, rel=1e-5) and val_2 == pytest.approx(val_1, rel=1e-5)
+    )
+    log = (two_ranks / "train.log").read_text()
+    assert "256 tokens per step (batch 4 x block 32 x accumulation 1 x 2 ranks)" in log
+    assert "[rank 1]" not in result.stdout  # other ranks log warnings only
+
+
+def test_resume_is_exact_on_two_ranks_and_may_change_the_world_size(data_dir: Path, tmp_path: Path) -> None:
+    common = [*DEBUG_RUN, f"paths.data_dir={data_dir}", "train.eval_interval=10", "lr.decay_iters=20"]
+    straight, resumed, regrouped = tmp_path / "straight", tmp_path / "resumed", tmp_path / "regrouped"
+    assert torchrun(2, *common, "train.max_iters=20", f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
+    for run in (resumed, regrouped):
+        assert torchrun(2, *common, "train.max_iters=10", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    assert torchrun(2, f"resume={resumed}", "train.max_iters=20", cwd=tmp_path).returncode == 0
+    one = subprocess.run(  # the rest of the run on 1 process, accumulating what the 2 ranks did
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            f"resume={regrouped}",
+            "train.max_iters=20",
+            "train.grad_accum_steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert one.returncode == 0, one.stderr
+    expected = losses(straight)[0]
+    assert len(expected) == 20 and losses(resumed)[0] == expected
+    assert losses(regrouped)[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_failing_rank_ends_the_job(data_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 raises at iteration 5: the job exits non-zero well within ddp.timeout + 30 s, no hang."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from hydragpt.engine import trainer\n"
+        "    step = trainer.Trainer.train_step\n"
+        "    def failing(self):\n"
+        "        if self.step == 5:\n"
+        "            raise RuntimeError('injected failure at iteration 5')\n"
+        "        return step(self)\n"
+        "    trainer.Trainer.train_step = failing\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "inject")}
+    start = time.monotonic()
+    result = torchrun(
+        2,
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        "train.max_iters=1000",
+        "ddp.timeout=30",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - start < 30 + 30
+    assert "injected failure at iteration 5" in result.stderr
+
+
+def test_ddp_none_refuses_several_processes(data_dir: Path, tmp_path: Path) -> None:
+    result = torchrun(
+        2, *DEBUG_RUN, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}", "ddp=none", cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "error: launched as 2 processes but ddp=none runs a single process" in result.stderr
+
+
+@pytest.mark.slow
+def test_twenty_launches_make_twenty_run_directories(data_dir: Path, tmp_path: Path) -> None:
+    for _ in range(20):
+        result = torchrun(
+            2,
+            *DEBUG_RUN,
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp_path / 'outputs'}",
+            "train.max_iters=2",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 20 and all(len(list(run.glob("train.log"))) == 1 for run in runs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
