@@ -8,12 +8,15 @@ is a bug in hydragpt and keeps its traceback. `HYDRA_FULL_ERROR=1` shows the tra
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 USER_ERROR_EXIT = 2
@@ -67,11 +70,13 @@ def exit_on_user_error(check: Callable[[], Any]) -> None:
         _exit_with(str(ex))
 
 
-def _file_system_error(ex: OSError) -> str:
+def _file_system_error(ex: OSError) -> UserError:
     """The file system refused: an unwritable or missing directory, a file where a directory should be, a
     full disk. The user's to fix, so one line rather than a traceback."""
     where = f": {ex.filename}" if ex.filename else ""
-    return f"{ex.strerror or ex}{where} (check paths.output_dir, paths.data_dir, permissions and free space)"
+    return UserError(
+        f"{ex.strerror or ex}{where}", "check paths.output_dir, paths.data_dir, permissions and free space"
+    )
 
 
 def _blocks(lines: list[str]) -> list[list[str]]:
@@ -113,11 +118,16 @@ def _user_error_cause(ex: BaseException) -> UserError | None:
     return None
 
 
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a Hydra task function: a `UserError` raised inside becomes the `error:` line and exit 2.
 
     It exits from inside the task (SystemExit passes through Hydra untouched), so Hydra adds no
-    "Error executing job" banner to the one line.
+    "Error executing job" banner to the one line. In a multirun the job fails instead, after logging
+    the line: Hydra records it and goes on with the other jobs, and the sweep ends with that error.
     """
 
     @functools.wraps(task)
@@ -127,7 +137,13 @@ def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
         except (UserError, OSError) as ex:
             if _user_wants_traceback:
                 raise
-            _exit_with(_file_system_error(ex) if isinstance(ex, OSError) else str(ex))
+            error = _file_system_error(ex) if isinstance(ex, OSError) else ex
+            if not _in_multirun():
+                _exit_with(str(error))
+            logging.getLogger("hydragpt").error("error: %s", error)
+            if error is ex:
+                raise
+            raise error from ex
 
     return wrapped
 
@@ -153,6 +169,6 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         cause = _user_error_cause(ex)  # e.g. raised by one of our resolvers while Hydra composed
         _exit_with(str(cause) if cause else _one_line(ex))
     except OSError as ex:
-        _exit_with(_file_system_error(ex))
+        _exit_with(str(_file_system_error(ex)))
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

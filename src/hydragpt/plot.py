@@ -1,4 +1,5 @@
-"""Plots of a run's metrics.jsonl: loss, learning rate, gradient norm and throughput over iterations."""
+"""Plots of metrics.jsonl: a run's loss, learning rate, gradient norm and throughput over iterations, and
+the val loss curves of every job of a sweep side by side."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
-from hydragpt.loggers import read_metrics
+from hydragpt.errors import UserError
+from hydragpt.loggers import METRICS_FILE, read_metrics
 
 PLOT_FILE = Path("plots") / "metrics.png"
+SWEEP_PLOT_FILE = "val_loss.png"
 
 
 def plot_run(run_dir: Path) -> Path:
@@ -38,6 +41,32 @@ def plot_run(run_dir: Path) -> Path:
 
     out = run_dir / PLOT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_sweep(sweep_dir: Path) -> Path:
+    """Draw every job's val loss curve into `<sweep_dir>/val_loss.png`, labelled with what the job changed."""
+    from hydragpt.sweep import sweep_rows
+
+    rows = sweep_rows(sweep_dir)
+    if not rows:
+        raise UserError(f"{sweep_dir} holds no finished sweep jobs", "give the multirun/<date>/<time> directory")
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for row in rows:
+        run_dir = sweep_dir / str(row["job"])
+        if not (run_dir / METRICS_FILE).is_file():
+            continue
+        evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+        label = f"{row['job']}: {row['overrides'] or '(no overrides)'}" + (
+            " [failed]" if row["status"] == "failed" else ""
+        )
+        ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label=label)
+    ax.set(title=f"val loss, {sweep_dir}", xlabel="iter", ylabel="val loss")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = sweep_dir / SWEEP_PLOT_FILE
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -1,0 +1,53 @@
+"""Multirun sweeps: one complete run directory per job, a summary row per job, failed jobs included."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from tests.conftest import DEBUG_RUN, run_script
+
+
+def test_four_job_sweep_with_a_failing_job(data_dir: Path, tmp_path: Path) -> None:
+    result = run_script(
+        "train",
+        "-m",
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path}",
+        "train.max_iters=10",
+        "train.eval_interval=5",
+        "optim.lr=1e-3,3e-4,-1,1e-4",  # job 2 is made to fail: a negative learning rate
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: optim.lr must be > 0, got -1.0 (e.g. optim.lr=6e-4)"]
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    for job in jobs:
+        assert (sweep / job / ".hydra" / "config.yaml").is_file() and (sweep / job / "train.log").is_file()
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "optim.lr=0.001", "completed"),
+        ("1", "optim.lr=0.0003", "completed"),
+        ("2", "optim.lr=-1", "failed"),
+        ("3", "optim.lr=0.0001", "completed"),
+    ]
+    assert rows[2]["error"].startswith("optim.lr must be > 0") and rows[2]["best_val_loss"] == ""
+    for row in (rows[0], rows[1], rows[3]):
+        assert (
+            0 < float(row["best_val_loss"]) <= float(row["final_val_loss"]) < 4.5 and float(row["tokens_per_sec"]) > 0
+        )
+        assert (sweep / row["job"] / "checkpoints" / "last.pt").is_file()
+    markdown = (sweep / "summary.md").read_text().splitlines()
+    assert len(markdown) == 2 + 4 and "| 2 | optim.lr=-1 | failed |" in markdown[4]
+
+    plotted = run_script("plot", f"sweep={sweep}")
+    assert plotted.returncode == 0, plotted.stderr
+    assert (sweep / "val_loss.png").stat().st_size > 10_000
+
+
+def test_plot_needs_a_run_or_a_sweep(tmp_path: Path) -> None:
+    result = run_script("plot", f"sweep={tmp_path}")
+    assert result.returncode == 2 and "holds no finished sweep jobs" in result.stderr
