@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +151,24 @@ def test_twenty_launches_make_twenty_run_directories(data_dir: Path, tmp_path: P
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 20 and all(len(list(run.glob("train.log"))) == 1 for run in runs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+
+
+@pytest.mark.slow
+def test_two_node_rendezvous_on_loopback(data_dir: Path, tmp_path: Path) -> None:
+    """Two torchrun agents, one process each, meet through c10d on 127.0.0.1: a 2-node job on one machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=loopback",
+        str(REPO / "scripts" / "train.py"), *DEBUG_RUN, f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path / 'outputs'}", "train.max_iters=10", "train.eval_interval=5",
+    ]  # fmt: skip
+    nodes = [subprocess.Popen(agent, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    nodes.append(subprocess.Popen(agent, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    (run,) = (tmp_path / "outputs").glob("*/*")
+    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 10 and "x 2 ranks" in (run / "train.log").read_text()
