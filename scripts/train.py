@@ -9,8 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from hydragpt.engine.distributed import hydra_overrides_for_rank
-from hydragpt.errors import run_cli, user_errors_exit
+from hydragpt.engine.distributed import rank_arguments
+from hydragpt.errors import UserError, fail, run_cli, user_errors_exit
 from hydragpt.train import train
 
 
@@ -21,5 +21,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv += hydra_overrides_for_rank()  # only rank 0 of a torchrun job creates the run directory
+    try:
+        sys.argv += rank_arguments(sys.argv)  # only rank 0 of a torchrun job creates the run directory
+    except UserError as error:
+        fail(error)
     run_cli(main)

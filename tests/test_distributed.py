@@ -128,12 +128,18 @@ def test_a_failing_rank_ends_the_job(data_dir: Path, tmp_path: Path) -> None:
     assert "injected failure at iteration 5" in result.stderr
 
 
-def test_ddp_none_refuses_several_processes(data_dir: Path, tmp_path: Path) -> None:
-    result = torchrun(
-        2, *DEBUG_RUN, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}", "ddp=none", cwd=tmp_path
-    )
-    assert result.returncode != 0
-    assert "error: launched as 2 processes but ddp=none runs a single process" in result.stderr
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("ddp=none", "error: launched as 2 processes but ddp=none runs a single process"),
+        ("-m", "error: a multirun (-m) cannot run under torchrun"),
+    ],
+)
+def test_refused_under_torchrun(data_dir: Path, tmp_path: Path, argument: str, message: str) -> None:
+    common = (*DEBUG_RUN, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'outputs'}")
+    result = torchrun(2, argument, *common, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / "outputs").exists() or argument == "ddp=none"
 
 
 @pytest.mark.slow

@@ -57,6 +57,13 @@ def _exit_with(message: str) -> NoReturn:
     sys.exit(USER_ERROR_EXIT)
 
 
+def fail(error: UserError) -> NoReturn:
+    """Report a user error found before Hydra starts (command-line checks) the same way as any other."""
+    if _full_error_wanted():
+        raise error
+    _exit_with(str(error))
+
+
 def exit_on_user_error(check: Callable[[], Any]) -> None:
     """Run `check` where Hydra swallows exceptions (its callbacks): a `UserError` exits at once.
 

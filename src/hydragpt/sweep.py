@@ -8,6 +8,7 @@ on a cluster) and stays readable if the sweep is stopped half way.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -17,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hydragpt.engine.distributed import launched_env
 from hydragpt.loggers import METRICS_FILE, read_metrics
@@ -37,13 +39,13 @@ def job_row(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
     return {
         **result,
         "final_val_loss": val[-1] if val else None,
-        "best_val_loss": min(val) if val else None,
+        "best_val_loss": min((v for v in val if math.isfinite(v)), default=val[-1] if val else None),
         "tokens_per_sec": statistics.median(speed) if speed else None,
     }
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """A row per finished job, in job order; `overrides` keeps only what differs between the jobs."""
+    """A row per started job, in job order; `overrides` keeps only the swept keys' values."""
     results = []
     for path in sweep_dir.glob(f"*/{RESULT_FILE}"):
         try:
@@ -51,9 +53,24 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:  # being written right now by another job
             continue
     rows = [job_row(run_dir, result) for run_dir, result in sorted(results, key=lambda item: item[1]["job"])]
-    for row, overrides in zip(rows, _varying(rows), strict=True):
-        row["overrides"] = overrides
+    swept = _swept_keys(sweep_dir)
+    for row in rows:
+        row["overrides"] = " ".join(o for o in row["overrides"] if swept is None or _key(o) in swept)
     return rows
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _swept_keys(sweep_dir: Path) -> set[str] | None:
+    """The keys the sweep varies (`optim.lr=1e-3,3e-4`), from the multirun.yaml Hydra saves at its root."""
+    try:
+        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides(list(task))
+    except Exception:  # no record, or one this Hydra cannot read: show every override
+        return None
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
 FORMATS = {"final_val_loss": "{:.4f}", "best_val_loss": "{:.4f}", "tokens_per_sec": "{:,.0f}", "wall_s": "{:.1f}"}
@@ -66,15 +83,14 @@ def _cell(key: str, value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _varying(rows: list[dict[str, Any]]) -> list[str]:
-    """Each row's overrides without those every job shares: what the sweep changed."""
-    split = [row["overrides"].split() for row in rows]
-    shared = set.intersection(*map(set, split)) if len(split) > 1 else set()
-    return [" ".join(o for o in overrides if o not in shared) for overrides in split]
-
-
 def write_summary(sweep_dir: Path) -> None:
-    """(Re)write summary.csv and summary.md from every finished job's result."""
+    """(Re)write summary.csv and summary.md from every job's result; jobs finishing together take turns."""
+    with open(sweep_dir / ".summary.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _write_summary(sweep_dir)
+
+
+def _write_summary(sweep_dir: Path) -> None:
     rows = sweep_rows(sweep_dir)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
@@ -89,24 +105,35 @@ def write_summary(sweep_dir: Path) -> None:
 
 
 class SweepSummaryCallback(Callback):
-    """Registered in conf/hydra/default.yaml; does nothing outside a multirun, or on ranks other than 0."""
+    """Registered in conf/hydra/default.yaml; does nothing outside a multirun, or on ranks other than 0.
+
+    A job's row appears when it starts (status running), so a job killed half way still has one.
+    """
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._start = time.perf_counter()
+        hydra = config.hydra
+        if hydra.mode == RunMode.MULTIRUN and launched_env().is_main:
+            self._record(hydra, {"status": "running", "wall_s": None, "error": ""})
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hydra = job_return.hydra_cfg.hydra if job_return.hydra_cfg else None
         if hydra is None or hydra.mode != RunMode.MULTIRUN or not launched_env().is_main:
             return
         failed = job_return.status == JobStatus.FAILED
+        error = job_return._return_value if failed else None
         result = {
-            "job": int(hydra.job.num),
-            "overrides": " ".join(job_return.overrides or []),
             "status": "failed" if failed else "completed",
-            "wall_s": round(time.perf_counter() - getattr(self, "_start", time.perf_counter()), 1),
-            "error": str(job_return._return_value) if failed else "",
+            "wall_s": round(time.perf_counter() - self._start, 1),
+            "error": (str(error) or type(error).__name__) if failed else "",
         }
+        self._record(hydra, result)
+
+    def _record(self, hydra: DictConfig, result: dict[str, Any]) -> None:
         run_dir = Path(hydra.runtime.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RESULT_FILE).write_text(json.dumps(result) + "\n")
+        result = {"job": int(hydra.job.num), "overrides": list(hydra.overrides.task), **result}
+        tmp = run_dir / f".{RESULT_FILE}.tmp"
+        tmp.write_text(json.dumps(result) + "\n")
+        os.replace(tmp, run_dir / RESULT_FILE)
         write_summary(run_dir.parent)  # hydra.sweep.dir itself would re-evaluate its ${now:} timestamp

@@ -117,18 +117,20 @@ def train(cfg: DictConfig) -> float:
     Under torchrun every rank runs this; rank 0's run directory is the job's, and the others learn it.
     """
     hydra_cfg = HydraConfig.get()
-    env = distributed.setup(cfg.ddp, cfg.system.device)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(run_config, dict)
+    resume_from = None
+    if cfg.resume:
+        resume_from = load_checkpoint(cfg.resume)
+        overrides = list(hydra_cfg.overrides.task)
+        # keys this version added since the run was saved take today's defaults
+        saved = OmegaConf.to_container(OmegaConf.merge(run_config, resume_from["config"]))
+        assert isinstance(saved, dict)
+        run_config = apply_resume_overrides({**saved, "resume": cfg.resume}, resume_from["config_choices"], overrides)
+    typed = train_config(run_config, distributed.launched_env().world_size)
+    env = distributed.setup(typed.ddp, typed.system.device)
     try:
         run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
-        run_config = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(run_config, dict)
-        resume_from = None
-        if cfg.resume:
-            resume_from = load_checkpoint(cfg.resume)
-            overrides = list(hydra_cfg.overrides.task)
-            saved_config = {**resume_from["config"], "resume": cfg.resume}
-            run_config = apply_resume_overrides(saved_config, resume_from["config_choices"], overrides)
-        typed = train_config(run_config, env.world_size)
         choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
         trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env)
         if resume_from and env.is_main:  # only once the resumed config has proven valid

@@ -165,10 +165,11 @@ class SequentialBatchLoader(_WindowLoader):
 
 
 def _check_sampling(state: dict[str, Any], expected: str) -> None:
-    if state.get("sampling") != expected:
+    saved = state.get("sampling", "random")  # checkpoints from before sequential sampling existed
+    if saved != expected:
         raise UserError(
-            f"the checkpoint's data loader used data.sampling={state.get('sampling')}, not {expected}",
-            f"resume with data.sampling={state.get('sampling')}",
+            f"the checkpoint's data loader used data.sampling={saved}, not {expected}",
+            f"resume with data.sampling={saved}",
         )
 
 

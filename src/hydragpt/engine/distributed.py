@@ -44,9 +44,15 @@ def launched_env() -> DistEnv:
     )
 
 
-def hydra_overrides_for_rank() -> list[str]:
+def rank_arguments(argv: list[str]) -> list[str]:
     """Command-line overrides that keep ranks other than 0 from creating a run directory or a train.log."""
-    if launched_env().is_main:
+    env = launched_env()
+    if env.is_distributed and ("-m" in argv or "--multirun" in argv):
+        raise UserError(
+            "a multirun (-m) cannot run under torchrun: its jobs would share one process group",
+            "run the sweep's jobs one by one, each under torchrun, or sweep with single-process jobs",
+        )
+    if env.is_main:
         return []
     return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=rank"]
 
@@ -69,7 +75,10 @@ def setup(ddp: DDPConfig, device: str) -> DistEnv:
             "drop ddp=none (ddp=ddp is the default), or launch one process",
         )
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(ddp, device), timeout=timedelta(seconds=ddp.timeout))
+        backend = backend_for(ddp, device)
+        if backend == "nccl":  # before any collective: NCCL puts its buffers on the current GPU
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend, timeout=timedelta(seconds=ddp.timeout))
     return env
 
 

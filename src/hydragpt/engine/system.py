@@ -17,6 +17,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicitly requested device must exist. Under torchrun
     (`local_rank` given) `cuda` and `auto` mean this process's own GPU, cuda:<local_rank>."""
+    if local_rank is not None and name.startswith("cuda:"):
+        raise UserError(
+            f"system.device={name} under torchrun would put every rank on one GPU",
+            "use system.device=cuda (or auto): each rank takes GPU LOCAL_RANK",
+        )
     if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
         name = f"cuda:{local_rank}"
     if name == "auto":

@@ -186,6 +186,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "tokens_per_step": self.tokens_per_step,
             "best_val_loss": self.best_val_loss,
             "rng": gather_objects(rng_state()),  # one per rank
             "loader": self.train_loader.state_dict(),
@@ -202,7 +203,15 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"]
         self.train_loader.load_state_dict(state["loader"])
-        per_rank = state["rng"]
+        saved_tokens = state.get("tokens_per_step", self.tokens_per_step)
+        if saved_tokens != self.tokens_per_step:
+            log.warning(
+                "tokens per step change from %s to %s on resume (world size or accumulation changed); "
+                "set train.total_batch_size to keep the global batch whatever the number of ranks",
+                f"{saved_tokens:,}",
+                f"{self.tokens_per_step:,}",
+            )
+        per_rank = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one dict
         if self.env.rank < len(per_rank):
             set_rng_state(per_rank[self.env.rank])
         else:  # resumed on more ranks than saved: the new ranks start fresh, seeded apart
@@ -225,8 +234,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
-            with self._gradient_sync(micro_step == self.grad_accum - 1), autocast(self.device, self.dtype):
-                _, loss = self.model(x, y)
+            with self._gradient_sync(micro_step == self.grad_accum - 1):
+                with autocast(self.device, self.dtype):
+                    _, loss = self.model(x, y)
                 loss = loss / self.grad_accum  # the gradient of the mean over micro-batches
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
@@ -318,7 +328,7 @@ class Trainer:
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
                         "tokens_per_sec": tokens_per_sec,
-                        "mfu": mfu(self.flops_per_token, tokens_per_sec, self.peak_flops),
+                        "mfu": mfu(self.flops_per_token, tokens_per_sec / self.env.world_size, self.peak_flops),
                         "tokens_seen": self.tokens_seen,
                         "time": time.perf_counter() - self.start_time,
                         "dt_ms": 1000 * elapsed / window_steps,
