@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from hydragpt.data.dataset import SplitTokens
 from hydragpt.errors import UserError
@@ -55,13 +54,6 @@ class BatchLoader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def data_parallel_rank() -> tuple[int, int]:
-    """(rank, world size) of this process: from torch.distributed when it is initialised, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _WindowLoader:
@@ -174,10 +166,16 @@ def _check_sampling(state: dict[str, Any], expected: str) -> None:
 
 
 def build_train_loader(
-    sampling: str, tokens: SplitTokens, batch_size: int, block_size: int, seed: int, device: torch.device
+    sampling: str,
+    tokens: SplitTokens,
+    batch_size: int,
+    block_size: int,
+    seed: int,
+    device: torch.device,
+    rank: int,
+    world_size: int,
 ) -> BatchLoader:
-    """The training loader for `data.sampling`, dealing this process's share under torch.distributed."""
-    rank, world_size = data_parallel_rank()
+    """The training loader for `data.sampling`, dealing rank `rank`'s share of each global batch."""
     if sampling == "random":
         return RandomBatchLoader(tokens, batch_size, block_size, seed, device, rank, world_size)
     return SequentialBatchLoader(tokens, batch_size, block_size, device, rank, world_size)

@@ -95,6 +95,8 @@ class Trainer:
             self.model_config.block_size,
             cfg.system.seed,
             self.device,
+            self.env.rank,
+            self.env.world_size,
         )
         self.max_iters = self._training_length()
         decay_iters = self.max_iters if cfg.lr.decay_iters is None else cfg.lr.decay_iters
