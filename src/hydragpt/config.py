@@ -29,6 +29,7 @@ VAL_SPLITS = ("tail", "docs", "head")
 DDP_MODES = ("none", "ddp")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 SAMPLING = ("random", "sequential")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -99,9 +100,35 @@ class DDPConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str
+    entity: Optional[str]
+    group: Optional[str]
+    name: Optional[str]
+    tags: list[str]
+    notes: Optional[str]
+    mode: Optional[str]
+    init_timeout: float
+
+
+@dataclass
+class TensorboardConfig:
+    dir: str
+
+
+@dataclass
+class CsvConfig:
+    file: str
+
+
+@dataclass
 class LoggerConfig:
-    name: str
+    """Console and metrics.jsonl are always on; each tracker runs when its section is present."""
+
     plot: bool
+    wandb: Optional[WandbConfig] = None
+    tensorboard: Optional[TensorboardConfig] = None
+    csv: Optional[CsvConfig] = None
 
 
 @dataclass
@@ -301,6 +328,8 @@ def validate_train(cfg: TrainConfig) -> None:
     _choice(cfg.ddp.name, DDP_MODES, "ddp")
     _choice(cfg.ddp.backend, DDP_BACKENDS, "ddp.backend")
     _require(cfg.ddp.timeout >= 1, "ddp.timeout must be >= 1 second", "e.g. ddp.timeout=600")
+    if cfg.logger.wandb is not None and cfg.logger.wandb.mode is not None:
+        _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:

@@ -101,6 +101,13 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
     return result
 
 
+def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config in today's schema: runs saved before trackers became their own keys had a
+    single `logger.name` (always "default": console and metrics.jsonl)."""
+    logger = {key: value for key, value in saved.get("logger", {}).items() if key != "name"}
+    return {**saved, "logger": logger}
+
+
 def _record_resume(run_dir: Path, config: dict[str, Any], overrides: list[str]) -> None:
     """Keep .hydra/ truthful: the config now in force, and the overrides of every invocation in order."""
     hydra_dir = run_dir / ".hydra"
@@ -124,7 +131,7 @@ def train(cfg: DictConfig) -> float:
         resume_from = load_checkpoint(cfg.resume)
         overrides = list(hydra_cfg.overrides.task)
         # keys this version added since the run was saved take today's defaults
-        saved = OmegaConf.to_container(OmegaConf.merge(run_config, resume_from["config"]))
+        saved = OmegaConf.to_container(OmegaConf.merge(run_config, _upgrade(resume_from["config"])))
         assert isinstance(saved, dict)
         run_config = apply_resume_overrides({**saved, "resume": cfg.resume}, resume_from["config_choices"], overrides)
     typed = train_config(run_config, distributed.launched_env().world_size)

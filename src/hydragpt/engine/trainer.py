@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, replace
@@ -36,7 +37,7 @@ from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
 from hydragpt.errors import UserError
-from hydragpt.loggers import build_loggers, trim_metrics
+from hydragpt.loggers import MetricsLogger, build_loggers, close_loggers, run_info, trim_metrics
 from hydragpt.model import GPT
 from hydragpt.plot import plot_run
 
@@ -108,6 +109,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0
         self.best_val_loss = math.inf
+        self.run_id = secrets.token_hex(4)  # names this run in trackers (wandb's run id), kept on resume
         self.resumed = resume_from is not None
         if self.resumed:
             self.load_state_dict(resume_from)
@@ -190,6 +192,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "tokens_per_step": self.tokens_per_step,
             "best_val_loss": self.best_val_loss,
+            "run_id": self.run_id,
             "rng": gather_objects(rng_state()),  # one per rank
             "loader": self.train_loader.state_dict(),
         }
@@ -204,6 +207,7 @@ class Trainer:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"]
+        self.run_id = state.get("run_id", self.run_id)  # older checkpoints have none
         self.train_loader.load_state_dict(state["loader"])
         saved_tokens = state.get("tokens_per_step", self.tokens_per_step)
         if saved_tokens != self.tokens_per_step:
@@ -290,17 +294,27 @@ class Trainer:
         t = self.cfg.train
         if self.resumed and self.env.is_main:
             trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
-        self.loggers = build_loggers(self.cfg.logger, self.run_dir) if self.env.is_main else []
+        self.loggers: list[MetricsLogger] = []
+        if self.env.is_main:
+            run = run_info(
+                self.run_dir,
+                Path(self.cfg.paths.output_dir),
+                self.run_config,
+                self.run_id,
+                self.step if self.resumed else None,
+            )
+            self.loggers = build_loggers(self.cfg.logger, run)
         self._log_setup()
         self.start_time = time.perf_counter()
+        failed = True
         try:
             if t.eval_only or self.step == 0:
                 self._evaluate_and_checkpoint(save=False)
             if not t.eval_only:
                 self._train_loop()
+            failed = False
         finally:
-            for logger in self.loggers:
-                logger.close()
+            close_loggers(self.loggers, failed)  # a tracker's run ends here, also when training fails
         if not t.eval_only and self.cfg.logger.plot and self.env.is_main:
             log.info("plots: %s", plot_run(self.run_dir))
         return self.best_val_loss

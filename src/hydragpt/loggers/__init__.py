@@ -1,8 +1,9 @@
 """Metric loggers behind one interface: each gets every training and evaluation record.
 
 A record is a flat dict with an `iter` key; training records carry `loss`, evaluation records
-`val_loss`. The `default` logger is the console (and so train.log, through Hydra's job logging) plus
-`metrics.jsonl` in the run directory.
+`val_loss`. The console (and so train.log, through Hydra's job logging) and `metrics.jsonl` in the run
+directory are always on; the `logger` config group adds trackers (wandb, TensorBoard, CSV), several at
+once when asked. Only rank 0 of a torchrun job builds any of them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +25,38 @@ log = logging.getLogger("hydragpt.train")
 class MetricsLogger(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None:
+        """Called once at the end of the run, also when it fails (`failed`), so a tracker's run ends."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What trackers need to know about the run they record."""
+
+    dir: Path  # the run directory
+    name: str  # the run directory's path under paths.output_dir
+    group: str | None  # the sweep's path under paths.output_dir, for the jobs of a multirun
+    config: dict[str, Any]  # the resolved run config
+    run_id: str  # stays the same when the run is resumed
+    resumed_at: int | None  # the step a resumed run continues from
+
+
+def run_info(run_dir: Path, output_dir: Path, config: dict[str, Any], run_id: str, resumed_at: int | None) -> RunInfo:
+    """A sweep job's directory sits beside the `multirun.yaml` Hydra writes at the sweep root."""
+    sweep_dir = run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None
+    return RunInfo(
+        dir=run_dir,
+        name=_relative_name(run_dir, output_dir),
+        group=_relative_name(sweep_dir, output_dir) if sweep_dir else None,
+        config=config,
+        run_id=run_id,
+        resumed_at=resumed_at,
+    )
+
+
+def _relative_name(path: Path, root: Path) -> str:
+    path, root = path.resolve(), root.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
 
 
 class ConsoleLogger:
@@ -50,7 +83,7 @@ class ConsoleLogger:
             mfu,
         )
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -64,14 +97,36 @@ class JsonlLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._file.close()
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path) -> list[MetricsLogger]:
-    if cfg.name != "default":
-        raise UserError(f"unknown logger '{cfg.name}'", "use logger=default")
-    return [ConsoleLogger(), JsonlLogger(run_dir / METRICS_FILE)]
+def build_loggers(cfg: LoggerConfig, run: RunInfo) -> list[MetricsLogger]:
+    """Console and metrics.jsonl, then the configured trackers; wandb last, as the only one that can
+    fail on the network. If one fails to start, those already started are closed again."""
+    loggers: list[MetricsLogger] = [ConsoleLogger(), JsonlLogger(run.dir / METRICS_FILE)]
+    try:
+        if cfg.csv is not None:
+            from hydragpt.loggers.csv_logger import CsvLogger
+
+            loggers.append(CsvLogger(run.dir / cfg.csv.file, run.dir))
+        if cfg.tensorboard is not None:
+            from hydragpt.loggers.tensorboard_logger import TensorboardLogger
+
+            loggers.append(TensorboardLogger(run.dir / cfg.tensorboard.dir, run.resumed_at))
+        if cfg.wandb is not None:
+            from hydragpt.loggers.wandb_logger import WandbLogger
+
+            loggers.append(WandbLogger(cfg.wandb, run))
+    except BaseException:
+        close_loggers(loggers, failed=True)
+        raise
+    return loggers
+
+
+def close_loggers(loggers: list[MetricsLogger], failed: bool) -> None:
+    for logger in loggers:
+        logger.close(failed)
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:

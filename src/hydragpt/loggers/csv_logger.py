@@ -1,0 +1,48 @@
+"""metrics.csv: the records of metrics.jsonl as a table, for spreadsheets and pandas.
+
+Training and evaluation records share one table (an evaluation row leaves the training columns empty).
+The file starts as a copy of metrics.jsonl, so a resumed run's table matches its trimmed metrics, and is
+rewritten whenever a record brings a new column.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from hydragpt.loggers import METRICS_FILE, read_metrics
+
+
+class CsvLogger:
+    def __init__(self, path: Path, run_dir: Path) -> None:
+        self.path = path
+        self.rows = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+        self.columns: list[str] = []
+        self._add_columns(self.rows)
+        self._rewrite()
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.rows.append(record)
+        if self._add_columns([record]):
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, self.columns).writerow(record)
+
+    def close(self, failed: bool = False) -> None:
+        pass
+
+    def _add_columns(self, records: list[dict[str, Any]]) -> bool:
+        new = [key for record in records for key in record if key not in self.columns]
+        self.columns += list(dict.fromkeys(new))
+        return bool(new)
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
