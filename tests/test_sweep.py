@@ -51,3 +51,35 @@ def test_four_job_sweep_with_a_failing_job(data_dir: Path, tmp_path: Path) -> No
 def test_plot_needs_a_run_or_a_sweep(tmp_path: Path) -> None:
     result = run_script("plot", f"sweep={tmp_path}")
     assert result.returncode == 2 and "holds no finished sweep jobs" in result.stderr
+
+
+def test_sweep_jobs_with_two_ranks_each(data_dir: Path, tmp_path: Path) -> None:
+    """hydra/launcher=torchrun: each job is a 2-rank gloo job in its own directory; a failed job is a row."""
+    result = run_script(
+        "train",
+        "-m",
+        "hydra/launcher=torchrun",
+        "hydra.launcher.nproc_per_node=2",
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path}",
+        "train.max_iters=6",
+        "train.eval_interval=3",
+        "optim.lr=1e-2,-1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: job 1 failed: optim.lr must be > 0, got -1.0")
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # no stray per-rank directories
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    log = (sweep / "0" / "train.log").read_text()
+    assert "x 2 ranks" in log and "[rank 1]" not in log
+    assert (sweep / "0" / "checkpoints" / "last.pt").is_file() and (sweep / "0" / ".hydra" / "config.yaml").is_file()
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "optim.lr=0.01", "completed"),
+        ("1", "optim.lr=-1", "failed"),
+    ]
+    assert 0 < float(rows[0]["best_val_loss"]) < 4.5
+    assert rows[1]["error"].startswith("job 1 failed: optim.lr must be > 0")

@@ -155,6 +155,15 @@ def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def user_environment() -> dict[str, str]:
+    """The environment as the user set it, for processes a script starts (torchrun per sweep job):
+    `run_cli` sets HYDRA_FULL_ERROR for its own process only."""
+    env = dict(os.environ)
+    if not _user_wants_traceback:
+        env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def run_cli(hydra_main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function so that config-composition mistakes also give one `error:` line.
 

@@ -31,15 +31,28 @@ RESULT_FILE = "result.json"
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "best_val_loss", "tokens_per_sec", "wall_s", "error")
 
 
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    return read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+
+
+def _best(val: list[float]) -> float | None:
+    return min((v for v in val if math.isfinite(v)), default=val[-1] if val else None)
+
+
+def best_val_loss(run_dir: Path) -> float | None:
+    """The lowest val loss a run recorded (what a sweeper minimizes), None before its first evaluation."""
+    return _best([r["val_loss"] for r in _records(run_dir) if "val_loss" in r])
+
+
 def job_row(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
     """One summary row: the job's result.json plus what its metrics.jsonl says about the losses and speed."""
-    records = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+    records = _records(run_dir)
     val = [r["val_loss"] for r in records if "val_loss" in r]
     speed = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]  # the first window warms up
     return {
         **result,
         "final_val_loss": val[-1] if val else None,
-        "best_val_loss": min((v for v in val if math.isfinite(v)), default=val[-1] if val else None),
+        "best_val_loss": _best(val),
         "tokens_per_sec": statistics.median(speed) if speed else None,
     }
 

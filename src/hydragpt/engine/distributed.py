@@ -50,7 +50,8 @@ def rank_arguments(argv: list[str]) -> list[str]:
     if env.is_distributed and ("-m" in argv or "--multirun" in argv):
         raise UserError(
             "a multirun (-m) cannot run under torchrun: its jobs would share one process group",
-            "run the sweep's jobs one by one, each under torchrun, or sweep with single-process jobs",
+            "start the sweep without torchrun and give each job its ranks with hydra/launcher=torchrun"
+            " hydra.launcher.nproc_per_node=N",
         )
     if env.is_main:
         return []
