@@ -10,7 +10,7 @@ from hydragpt.errors import UserError
 from hydragpt.model import GPT
 from tests.conftest import CONF_DIR, compose_config
 
-GROUPS = ["model", "data", "optim", "lr", "system", "ddp", "logger", "experiment", "paths"]
+GROUPS = ["model", "data", "optim", "lr", "system", "ddp", "logger", "experiment", "paths", "hparams_search"]
 
 
 def options(group: str) -> list[str]:

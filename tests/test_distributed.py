@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import DEBUG_RUN, REPO
 
@@ -178,3 +179,84 @@ def test_two_node_rendezvous_on_loopback(data_dir: Path, tmp_path: Path) -> None
     (run,) = (tmp_path / "outputs").glob("*/*")
     steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 10 and "x 2 ranks" in (run / "train.log").read_text()
+
+
+def test_slurm_tasks_become_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under Hydra's submitit launcher each SLURM task is a rank: SLURM's variables give torchrun's."""
+    from hydragpt.engine.distributed import DistEnv, launched_env
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "")  # so that what launched_env exports is undone after the test
+        monkeypatch.delenv(name)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NODEID": "1",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+    }
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert launched_env() == DistEnv(rank=11, local_rank=3, world_size=16)
+    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+
+
+def test_slurm_launcher_config_composes() -> None:
+    """`--cfg all` (the job's and Hydra's config; `--cfg hydra` alone cannot resolve ${paths.output_dir})."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "hydra/launcher=submitit_slurm",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.partition=gpu",
+            "--cfg",
+            "all",
+            "--resolve",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher["nodes"], launcher["partition"]) == (2, "gpu")
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 8  # one rank per GPU
+
+
+def test_submitit_tasks_train_like_torchrun_ranks(data_dir: Path, tmp_path: Path) -> None:
+    """A sweep job run by submitit as 2 tasks (its local executor stands in for SLURM) trains exactly as
+    the same run under torchrun with 2 ranks: the tasks found their ranks and each other."""
+    common = [
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        "train.max_iters=6",
+        "train.eval_interval=3",
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.timeout_min=10",
+            *common,
+            "optim.lr=1e-2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    log = (sweep / "0" / "train.log").read_text()
+    assert "x 2 ranks" in log and "[rank 1]" not in log
+    assert torchrun(2, *common, "optim.lr=1e-2", "hydra.run.dir=ranks", cwd=tmp_path).returncode == 0
+    assert losses(sweep / "0") == losses(tmp_path / "ranks")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+import yaml
+
 from tests.conftest import DEBUG_RUN, run_script
 
 
@@ -83,3 +86,29 @@ def test_sweep_jobs_with_two_ranks_each(data_dir: Path, tmp_path: Path) -> None:
     ]
     assert 0 < float(rows[0]["best_val_loss"]) < 4.5
     assert rows[1]["error"].startswith("job 1 failed: optim.lr must be > 0")
+
+
+def test_optuna_search_minimizes_the_best_val_loss(data_dir: Path, tmp_path: Path) -> None:
+    result = run_script(
+        "train",
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path}",
+        "train.max_iters=6",
+        "train.eval_interval=3",
+    )
+    assert result.returncode == 0, result.stderr
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["completed"] * 3
+    for row in rows:  # the sampled values of the search space, and nothing else
+        assert [o.split("=")[0] for o in row["overrides"].split()] == [
+            "optim.lr",
+            "optim.weight_decay",
+            "model.dropout",
+        ]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(float(r["best_val_loss"]) for r in rows), rel=1e-4)

@@ -31,6 +31,10 @@ _HYDRA_NOISE = (
 )
 
 
+# How Hydra's command-line parser words `-m --cfg job` and the like (as a ValueError).
+_HYDRA_FLAG_CONFLICT = "Only one of --run, --multirun"
+
+
 class UserError(Exception):
     """A mistake the user can fix: `what` went wrong and `fix` says how to fix it."""
 
@@ -186,5 +190,9 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         _exit_with(str(cause) if cause else _one_line(ex))
     except OSError as ex:
         _exit_with(str(_file_system_error(ex)))
+    except ValueError as ex:
+        if not str(ex).startswith(_HYDRA_FLAG_CONFLICT):
+            raise
+        _exit_with(f"{ex} (drop all but one of them: `--cfg job` prints a config without running, `-m` sweeps)")
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -7,6 +7,7 @@ on a cluster) and stays readable if the sweep is stopped half way.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import io
@@ -25,9 +26,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydragpt.engine.distributed import launched_env
-from hydragpt.loggers import METRICS_FILE, read_metrics
+from hydragpt.loggers import METRICS_FILE, RESULT_FILE, read_metrics
 
-RESULT_FILE = "result.json"
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "best_val_loss", "tokens_per_sec", "wall_s", "error")
 
 
@@ -77,13 +77,20 @@ def _key(override: str) -> str:
 
 
 def _swept_keys(sweep_dir: Path) -> set[str] | None:
-    """The keys the sweep varies (`optim.lr=1e-3,3e-4`), from the multirun.yaml Hydra saves at its root."""
-    try:
+    """The keys the sweep varies: those swept on the command line (`optim.lr=1e-3,3e-4`, recorded in the
+    multirun.yaml Hydra saves at the sweep root) and those of the sweeper's search space
+    (`hydra.sweeper.params`, e.g. Optuna's, recorded in every job's .hydra/hydra.yaml)."""
+    keys: set[str] = set()
+    found = False
+    with contextlib.suppress(Exception):  # no record, or one this Hydra cannot read
         task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
-        parsed = OverridesParser.create().parse_overrides(list(task))
-    except Exception:  # no record, or one this Hydra cannot read: show every override
-        return None
-    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()}
+        found = True
+    for hydra_yaml in sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))[:1]:
+        with contextlib.suppress(Exception):
+            keys |= set(OmegaConf.load(hydra_yaml).hydra.sweeper.get("params") or {})
+            found = True
+    return keys if found else None  # None: show every override
 
 
 FORMATS = {"final_val_loss": "{:.4f}", "best_val_loss": "{:.4f}", "tokens_per_sec": "{:,.0f}", "wall_s": "{:.1f}"}

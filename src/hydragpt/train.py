@@ -8,6 +8,7 @@ overrides that would change the model's shape or the dataset are refused.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ OmegaConf.register_new_resolver("hydragpt.run_dir", _run_dir, replace=True)
 OmegaConf.register_new_resolver(
     "hydragpt.output_subdir", lambda resume, subdir: None if resume else subdir, replace=True
 )
+
+# conf/hydra/launcher/submitit_slurm.yaml deliberately replaces the submitit plugin's config of that name
+# (with the same keys, one rank per GPU); Hydra checks it against the plugin's schema and says so.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
 
 # Config keys whose change on resume would not fit the saved state.
 FROZEN_ON_RESUME = (
@@ -136,6 +141,7 @@ def train(cfg: DictConfig) -> float:
         run_config = apply_resume_overrides({**saved, "resume": cfg.resume}, resume_from["config_choices"], overrides)
     typed = train_config(run_config, distributed.launched_env().world_size)
     env = distributed.setup(typed.ddp, typed.system.device)
+    distributed.quiet_other_ranks(env)
     try:
         run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
         choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)

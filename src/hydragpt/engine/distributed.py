@@ -8,7 +8,9 @@ and every file in it; the other ranks learn the directory from it, write nothing
 from __future__ import annotations
 
 import io
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -36,12 +38,42 @@ class DistEnv:
 
 
 def launched_env() -> DistEnv:
-    """This process's place in the job, as torchrun (or SLURM through a launcher) set it in the environment."""
+    """This process's place in the job, as torchrun set it in the environment (or SLURM, below)."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
+        _export_slurm_task_env()
     return DistEnv(
         rank=int(os.environ.get("RANK", 0)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
     )
+
+
+def _export_slurm_task_env() -> None:
+    """Hydra's submitit launcher starts every rank itself, as one SLURM task per GPU (no torchrun): set
+    RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from SLURM's task variables and node list,
+    as torchrun would have, so the rest of the job cannot tell the difference."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # each task sees every GPU of its node and picks cuda:LOCAL_RANK, as under torchrun
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def quiet_other_ranks(env: DistEnv) -> None:
+    """Ranks other than 0 log warnings and errors only, tagged with their rank, to stderr.
+
+    torchrun's ranks get this from `rank_arguments` before Hydra starts; ranks started by a cluster
+    launcher (one SLURM task each) all start as rank 0 would and are quietened here.
+    """
+    if env.is_main:
+        return
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def rank_arguments(argv: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from hydragpt.config import LoggerConfig
 from hydragpt.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"  # a sweep job's status, written by hydragpt.sweep: its presence marks a sweep job
 log = logging.getLogger("hydragpt.train")
 
 
@@ -42,8 +43,8 @@ class RunInfo:
 
 
 def run_info(run_dir: Path, output_dir: Path, config: dict[str, Any], run_id: str, resumed_at: int | None) -> RunInfo:
-    """A sweep job's directory sits beside the `multirun.yaml` Hydra writes at the sweep root."""
-    sweep_dir = run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None
+    """A sweep job's directory (one with a result.json) sits in the sweep's directory."""
+    sweep_dir = run_dir.parent if (run_dir / RESULT_FILE).is_file() else None
     return RunInfo(
         dir=run_dir,
         name=_relative_name(run_dir, output_dir),
