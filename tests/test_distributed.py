@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import DEBUG_RUN, REPO
@@ -260,3 +261,46 @@ def test_submitit_tasks_train_like_torchrun_ranks(data_dir: Path, tmp_path: Path
     assert "x 2 ranks" in log and "[rank 1]" not in log
     assert torchrun(2, *common, "optim.lr=1e-2", "hydra.run.dir=ranks", cwd=tmp_path).returncode == 0
     assert losses(sweep / "0") == losses(tmp_path / "ranks")
+
+
+def test_fsdp_trains_like_one_process_and_its_checkpoint_is_the_usual_file(data_dir: Path, tmp_path: Path) -> None:
+    """ddp=fsdp on 2 ranks: the losses of 1 process with twice the accumulation, an exact resume from the
+    gathered checkpoint (interrupted at iter 10), and a checkpoint that sample.py and 1 process read."""
+    common = [*DEBUG_RUN, f"paths.data_dir={data_dir}", "train.eval_interval=10", "lr.decay_iters=20"]
+    sharded, one = tmp_path / "sharded", tmp_path / "one"
+    assert (
+        torchrun(2, *common, "ddp=fsdp", "train.max_iters=10", f"hydra.run.dir={sharded}", cwd=tmp_path).returncode == 0
+    )
+    resumed = torchrun(2, f"resume={sharded}", "train.max_iters=20", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    single = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            *common,
+            "train.max_iters=20",
+            "train.grad_accum_steps=2",
+            f"hydra.run.dir={one}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert single.returncode == 0, single.stderr
+    (train_sharded, val_sharded), (train_one, val_one) = losses(sharded), losses(one)
+    assert len(train_sharded) == 20 and train_sharded == pytest.approx(train_one, rel=1e-5)
+    assert val_sharded == pytest.approx(val_one, rel=1e-5)
+
+    ckpt = torch.load(sharded / "checkpoints" / "last.pt", weights_only=True)
+    reference = torch.load(one / "checkpoints" / "last.pt", weights_only=True)
+    assert list(ckpt["model"]) == list(reference["model"])  # plain names, full shapes
+    for name, weight in reference["model"].items():
+        torch.testing.assert_close(ckpt["model"][name], weight, rtol=1e-4, atol=1e-6)
+    assert ckpt["optimizer"]["param_groups"][0]["params"] == reference["optimizer"]["param_groups"][0]["params"]
+    sampled = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sample.py"), f"ckpt={sharded}", "max_new_tokens=20", "num_samples=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert sampled.returncode == 0 and len(sampled.stdout.strip()) >= 20, sampled.stderr

@@ -26,7 +26,7 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 OPTIMIZERS = ("adamw",)
 LR_SCHEDULES = ("cosine", "constant")
 VAL_SPLITS = ("tail", "docs", "head")
-DDP_MODES = ("none", "ddp")
+DDP_MODES = ("none", "ddp", "fsdp")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 SAMPLING = ("random", "sequential")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -97,6 +97,7 @@ class DDPConfig:
     name: str
     backend: str
     timeout: int
+    reshard_after_forward: bool = True  # ddp=fsdp only (conf/ddp/fsdp.yaml)
 
 
 @dataclass

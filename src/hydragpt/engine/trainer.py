@@ -12,7 +12,7 @@ import logging
 import math
 import secrets
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,14 @@ from hydragpt.engine.checkpoint import (
     set_rng_state,
 )
 from hydragpt.engine.distributed import DistEnv, all_reduce, gather_objects
+from hydragpt.engine.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    load_full_optimizer_state,
+    set_gradient_sync,
+    shard_model,
+)
 from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
@@ -84,6 +92,11 @@ class Trainer:
 
         self.raw_model = GPT(self.model_config) if init_ckpt is None else self._model_from_checkpoint(init_ckpt)
         self.raw_model.to(self.device)
+        self.sharded = cfg.ddp.name == "fsdp" and self.env.is_distributed
+        if self.sharded:  # before the optimizer is built: it keeps each rank's shards only
+            if self.dtype == torch.float16:
+                raise UserError("ddp=fsdp does not support float16", "use system.dtype=bfloat16 or float32")
+            shard_model(self.raw_model, cfg.ddp.reshard_after_forward, self.dtype)
         if self.env.rank:  # the same initial weights everywhere, different dropout masks per rank
             torch.manual_seed(cfg.system.seed + self.env.rank)
 
@@ -116,7 +129,7 @@ class Trainer:
 
         self.model: torch.nn.Module = torch.compile(self.raw_model) if cfg.system.compile else self.raw_model
         self.eval_model = self.model  # evaluation needs no gradient averaging
-        if self.env.is_distributed:  # averages gradients over ranks during backward
+        if self.env.is_distributed and cfg.ddp.name == "ddp":  # averages gradients over ranks during backward
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.peak_flops = peak_flops(self.device, self.dtype, cfg.system.peak_flops)
@@ -179,13 +192,18 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Called on every rank: gathering RNG states (and FSDP's shards) takes them all; rank 0 saves it."""
+        if self.sharded:
+            model, optimizer = full_model_state(self.raw_model), full_optimizer_state(self.raw_model, self.optimizer)
+        else:
+            model, optimizer = self.raw_model.state_dict(), self.optimizer.state_dict()
         return {
-            "model": clean_state_dict(self.raw_model.state_dict()),
+            "model": clean_state_dict(model),
             "model_config": asdict(self.model_config),
             "tokenizer": self.data.meta.tokenizer,
             "config": self.run_config,
             "config_choices": self.config_choices,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -200,7 +218,10 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; optimizer hyperparameters and the lr follow the (possibly overridden)
         config from here on."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_full_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when the saved run did not use float16
             self.scaler.load_state_dict(state["scaler"])
@@ -248,7 +269,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.grad_clip or math.inf  # 0 disables clipping; the norm is still measured
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -257,11 +278,18 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return loss_sum, grad_norm, lr
 
-    def _gradient_sync(self, sync: bool) -> AbstractContextManager:
-        """DDP averages gradients only on the last micro-step of an accumulation: one all-reduce per step."""
-        if sync or not isinstance(self.model, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        """Gradients are averaged over ranks only on the last micro-step of an accumulation (one all-reduce,
+        or one reduce-scatter under FSDP, per step)."""
+        if self.sharded:
+            set_gradient_sync(self.raw_model, sync)
+            yield
+        elif sync or not isinstance(self.model, DistributedDataParallel):
+            yield
+        else:
+            with self.model.no_sync():
+                yield
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
