@@ -265,8 +265,10 @@ def test_submitit_tasks_train_like_torchrun_ranks(data_dir: Path, tmp_path: Path
 
 def test_fsdp_trains_like_one_process_and_its_checkpoint_is_the_usual_file(data_dir: Path, tmp_path: Path) -> None:
     """ddp=fsdp on 2 ranks: the losses of 1 process with twice the accumulation, an exact resume from the
-    gathered checkpoint (interrupted at iter 10), and a checkpoint that sample.py and 1 process read."""
+    gathered checkpoint (interrupted at iter 10), and a checkpoint that sample.py and 1 process read.
+    3 eval batches over 2 ranks: one rank runs a forward that does not count, so neither waits forever."""
     common = [*DEBUG_RUN, f"paths.data_dir={data_dir}", "train.eval_interval=10", "lr.decay_iters=20"]
+    common += ["train.eval_iters=3", "ddp.timeout=60"]
     sharded, one = tmp_path / "sharded", tmp_path / "one"
     assert (
         torchrun(2, *common, "ddp=fsdp", "train.max_iters=10", f"hydra.run.dir={sharded}", cwd=tmp_path).returncode == 0
@@ -296,7 +298,9 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_is_the_usual_file(data_
     assert list(ckpt["model"]) == list(reference["model"])  # plain names, full shapes
     for name, weight in reference["model"].items():
         torch.testing.assert_close(ckpt["model"][name], weight, rtol=1e-4, atol=1e-6)
-    assert ckpt["optimizer"]["param_groups"][0]["params"] == reference["optimizer"]["param_groups"][0]["params"]
+    for index, state in reference["optimizer"]["state"].items():  # the same parameter behind each number
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ckpt["optimizer"]["state"][index][key], state[key], rtol=1e-3, atol=1e-8)
     sampled = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "sample.py"), f"ckpt={sharded}", "max_new_tokens=20", "num_samples=1"],
         capture_output=True,

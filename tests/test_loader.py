@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hydragpt.data.dataset import SplitTokens, TokenDataset
-from hydragpt.data.loader import RandomBatchLoader, SequentialBatchLoader
+from hydragpt.data.loader import RandomBatchLoader, SequentialBatchLoader, evaluation_batches
 from hydragpt.errors import UserError
 from tests.conftest import prepare_dataset
 
@@ -120,3 +120,17 @@ def test_memory_maps_are_opened_once(three_shards: SplitTokens) -> None:
     loader = SequentialBatchLoader(three_shards, 4, 16, CPU)
     batches(loader, 500)
     assert len(list(Path("/proc/self/fd").iterdir())) == fds
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_evaluation_batches_are_dealt_evenly_and_counted_once(three_shards: SplitTokens, world_size: int) -> None:
+    """Every rank runs the same number of forwards (FSDP's all-gathers need all ranks), and the counted
+    batches of all ranks are exactly the single process's batches."""
+    single = [x for x, _, counts in evaluation_batches(three_shards, 2, 8, 5, CPU) if counts]
+    counted, per_rank = [], set()
+    for rank in range(world_size):
+        batches = list(evaluation_batches(three_shards, 2, 8, 5, CPU, rank, world_size))
+        per_rank.add(len(batches))
+        counted += [x for x, _, counts in batches if counts]
+    assert per_rank == {-(-5 // world_size)} and len(single) == 5
+    assert sorted(x.flatten().tolist() for x in counted) == sorted(x.flatten().tolist() for x in single)

@@ -37,15 +37,24 @@ def evaluation_batches(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share (every world_size-th) of `n_batches` batches of windows spread evenly over the split.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """This rank's share (every world_size-th) of `n_batches` batches of windows spread evenly over the
+    split, as (x, y, counts).
 
     The same windows at every evaluation and in every run of the same data: val losses differ only
-    because the models do, and a stratified sample is a steadier estimate than random windows.
+    because the models do, and a stratified sample is a steadier estimate than random windows. Every
+    rank gets the same number of batches, ceil(n_batches / world_size): a sharded model (FSDP) gathers
+    its weights in each forward, a collective that all ranks must join. The ranks short of a batch repeat
+    their first one (or the split's) with `counts` False, to be left out of the loss.
     """
     starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).astype(np.int64)
-    for batch_starts in starts.reshape(n_batches, batch_size)[rank::world_size]:
-        yield to_device_batch(tokens.windows(batch_starts, block_size + 1), device)
+    batches = starts.reshape(n_batches, batch_size)
+    mine = batches[rank::world_size]
+    for i in range(-(-n_batches // world_size)):
+        counts = i < len(mine)
+        batch_starts = mine[i] if counts else (mine[0] if len(mine) else batches[0])
+        x, y = to_device_batch(tokens.windows(batch_starts, block_size + 1), device)
+        yield x, y, counts
 
 
 class BatchLoader(Protocol):

@@ -309,10 +309,11 @@ class Trainer:
                 env.world_size,
             )
             total = torch.zeros((), device=self.device)
-            for x, y in batches:
+            for x, y, counts in batches:
                 with autocast(self.device, self.dtype):
                     _, loss = self.eval_model(x, y)
-                total += loss.float()
+                if counts:
+                    total += loss.float()
             losses[f"{split}_loss"] = (all_reduce(total, "sum") / t.eval_iters).item()
         self.eval_model.train()
         return losses
