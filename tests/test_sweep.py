@@ -57,27 +57,33 @@ def test_plot_needs_a_run_or_a_sweep(tmp_path: Path) -> None:
 
 
 def test_sweep_jobs_with_two_ranks_each(data_dir: Path, tmp_path: Path) -> None:
-    """hydra/launcher=torchrun: each job is a 2-rank gloo job in its own directory; a failed job is a row."""
+    """hydra/launcher=torchrun: each job is a 2-rank gloo job in its own directory; a failed job is a row.
+    The jobs see what the sweep's command line gave: an extra config directory, Hydra settings."""
+    extra = tmp_path / "extra" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "quick.yaml").write_text("# @package _global_\ntrain:\n  max_iters: 6\n  eval_interval: 3\n")
+    outputs = tmp_path / "outputs"
     result = run_script(
         "train",
         "-m",
+        f"--config-dir={extra.parent}",
         "hydra/launcher=torchrun",
         "hydra.launcher.nproc_per_node=2",
+        "hydra.job.chdir=true",
         *DEBUG_RUN,
         f"paths.data_dir={data_dir}",
-        f"paths.output_dir={tmp_path}",
-        "train.max_iters=6",
-        "train.eval_interval=3",
+        f"paths.output_dir={outputs}",
+        "experiment=quick",
         "optim.lr=1e-2,-1",
         cwd=tmp_path,
     )
-    assert result.returncode == 2
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: job 1 failed: optim.lr must be > 0, got -1.0")
-    (sweep,) = (tmp_path / "multirun").glob("*/*")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # no stray per-rank directories
+    (sweep,) = (outputs / "multirun").glob("*/*")
+    assert sorted(p.name for p in outputs.iterdir()) == ["multirun"]  # no stray per-rank directories
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     log = (sweep / "0" / "train.log").read_text()
-    assert "x 2 ranks" in log and "[rank 1]" not in log
+    assert "x 2 ranks" in log and "[rank 1]" not in log and "training from iter 0 to 6" in log
     assert (sweep / "0" / "checkpoints" / "last.pt").is_file() and (sweep / "0" / ".hydra" / "config.yaml").is_file()
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [

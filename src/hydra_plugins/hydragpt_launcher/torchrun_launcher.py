@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
@@ -28,8 +29,15 @@ from omegaconf import DictConfig
 ERROR_PREFIX = "error: "
 
 
+# Hydra overrides the sweep owns (launcher, sweeper, where and how jobs run): not passed to a job's torchrun.
+SWEEP_ONLY = ("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper", "hydra.sweep", "hydra.mode")
+SWEEP_ONLY += ("hydra.run", "hydra.output_subdir", "hydra.job.num", "hydra.job.id")
+# What torchrun's --nproc-per-node takes besides a number.
+NPROC_NAMES = ("auto", "gpu", "cpu")
+
+
 class TorchrunLauncher(BasicLauncher):
-    def __init__(self, nproc_per_node: int, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, nproc_per_node: int | str, extra_args: Sequence[str] = ()) -> None:
         super().__init__()
         self.nproc_per_node = nproc_per_node
         self.extra_args = list(extra_args)
@@ -38,37 +46,55 @@ class TorchrunLauncher(BasicLauncher):
         from hydragpt.errors import user_errors_exit  # a failed job logs its error line and the sweep goes on
 
         super().setup(hydra_context=hydra_context, task_function=user_errors_exit(self._run_job), config=config)
+        self.script = Path(sys.argv[0]).resolve()  # now: with hydra.job.chdir=true each job changes directory
+        args = get_args_parser().parse_known_args(sys.argv[1:])[0]
+        self.config_options = [
+            f"--{option}={value}"
+            for option, value in (
+                ("config-path", args.config_path),
+                ("config-dir", args.config_dir),
+                ("config-name", args.config_name),
+            )
+            if value is not None
+        ]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        if self.nproc_per_node < 1:
+        nproc = self.nproc_per_node
+        if not (nproc in NPROC_NAMES or (isinstance(nproc, int) and nproc >= 1)):
             from hydragpt.errors import UserError
 
             raise UserError(
-                f"hydra.launcher.nproc_per_node must be >= 1, got {self.nproc_per_node}", "e.g. one per GPU"
+                f"hydra.launcher.nproc_per_node must be a positive number or one of {', '.join(NPROC_NAMES)}, got"
+                f" {nproc!r}",
+                "e.g. hydra.launcher.nproc_per_node=8, one per GPU",
             )
         return super().launch(job_overrides, initial_job_idx)
 
     def _run_job(self, cfg: DictConfig) -> Any:
         """Runs in place of the task function: the job's own torchrun, in the directory Hydra made for it."""
+        from hydragpt.errors import UserError, user_environment
+
         hydra_cfg = HydraConfig.get()
         job_dir = Path(hydra_cfg.runtime.output_dir)
+        hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not _key(o).startswith(SWEEP_ONLY)]
         command = [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "hydra_plugins.hydragpt_launcher.agent",  # torchrun, minus its traceback
             "--standalone",
             f"--nproc-per-node={self.nproc_per_node}",
             *self.extra_args,
-            sys.argv[0],
-            f"--config-name={hydra_cfg.job.config_name}",
+            str(self.script),
+            *self.config_options,
             *hydra_cfg.overrides.task,
+            *hydra_overrides,
             f"hydra.run.dir={_quoted(job_dir)}",
             "hydra.output_subdir=null",  # .hydra/ is already written, with the sweep's view of the job
         ]
-        from hydragpt.errors import UserError, user_environment
-
         first_error = ""
-        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=user_environment()) as job:
+        with subprocess.Popen(
+            command, stderr=subprocess.PIPE, text=True, bufsize=1, env=user_environment(), cwd=hydra_cfg.runtime.cwd
+        ) as job:
             assert job.stderr is not None
             for line in job.stderr:  # passed through, and the ranks' error line kept for the summary
                 sys.stderr.write(line)
@@ -82,6 +108,10 @@ class TorchrunLauncher(BasicLauncher):
         from hydragpt.sweep import best_val_loss
 
         return best_val_loss(job_dir)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _quoted(path: Path) -> str:
