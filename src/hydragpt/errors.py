@@ -31,8 +31,12 @@ _HYDRA_NOISE = (
 )
 
 
-# How Hydra's command-line parser words `-m --cfg job` and the like (as a ValueError).
-_HYDRA_FLAG_CONFLICT = "Only one of --run, --multirun"
+# ValueErrors that are the user's to fix, raised by Hydra's command-line parser (`-m --cfg job`) and by
+# Optuna when every trial of a search failed: how each message starts, and how to fix it.
+_USER_VALUE_ERRORS = {
+    "Only one of --run, --multirun": "drop all but one: `--cfg job` prints a config without running, `-m` sweeps",
+    "No trials are completed yet": "every trial failed: summary.md at the sweep root and each job's train.log say why",
+}
 
 
 class UserError(Exception):
@@ -191,8 +195,9 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
     except OSError as ex:
         _exit_with(str(_file_system_error(ex)))
     except ValueError as ex:
-        if not str(ex).startswith(_HYDRA_FLAG_CONFLICT):
+        fix = next((fix for start, fix in _USER_VALUE_ERRORS.items() if str(ex).startswith(start)), None)
+        if fix is None:
             raise
-        _exit_with(f"{ex} (drop all but one of them: `--cfg job` prints a config without running, `-m` sweeps)")
+        _exit_with(f"{ex} ({fix})")
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -7,7 +7,6 @@ on a cluster) and stays readable if the sweep is stopped half way.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import fcntl
 import io
@@ -23,10 +22,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hydragpt.engine.distributed import launched_env
 from hydragpt.loggers import METRICS_FILE, RESULT_FILE, read_metrics
+
+SWEPT_FILE = "swept_keys.json"  # at the sweep root: the keys its jobs vary
 
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "best_val_loss", "tokens_per_sec", "wall_s", "error")
 
@@ -77,20 +78,11 @@ def _key(override: str) -> str:
 
 
 def _swept_keys(sweep_dir: Path) -> set[str] | None:
-    """The keys the sweep varies: those swept on the command line (`optim.lr=1e-3,3e-4`, recorded in the
-    multirun.yaml Hydra saves at the sweep root) and those of the sweeper's search space
-    (`hydra.sweeper.params`, e.g. Optuna's, recorded in every job's .hydra/hydra.yaml)."""
-    keys: set[str] = set()
-    found = False
-    with contextlib.suppress(Exception):  # no record, or one this Hydra cannot read
-        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
-        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()}
-        found = True
-    for hydra_yaml in sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))[:1]:
-        with contextlib.suppress(Exception):
-            keys |= set(OmegaConf.load(hydra_yaml).hydra.sweeper.get("params") or {})
-            found = True
-    return keys if found else None  # None: show every override
+    """The keys the sweep varies, as recorded when it started (None for a sweep without that record)."""
+    try:
+        return set(json.loads((sweep_dir / SWEPT_FILE).read_text()))
+    except (OSError, json.JSONDecodeError):
+        return None  # show every override
 
 
 FORMATS = {"final_val_loss": "{:.4f}", "best_val_loss": "{:.4f}", "tokens_per_sec": "{:,.0f}", "wall_s": "{:.1f}"}
@@ -129,6 +121,18 @@ class SweepSummaryCallback(Callback):
 
     A job's row appears when it starts (status running), so a job killed half way still has one.
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Record the keys the sweep varies: those swept on the command line (`optim.lr=1e-3,3e-4`, or
+        Optuna's `model.n_layer=choice(4,6)`) and those of the sweeper's own search space
+        (`hydra.sweeper.params`). The jobs' overrides only show the values each one got."""
+        hydra = config.hydra
+        parsed = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+        swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+        swept += [key for key in hydra.sweeper.get("params") or {} if key not in swept]
+        sweep_dir = Path(hydra.sweep.dir)  # the sweeper reads the same timestamp: ${now:} is cached
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEPT_FILE).write_text(json.dumps(swept) + "\n")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._start = time.perf_counter()
