@@ -182,8 +182,10 @@ def test_two_node_rendezvous_on_loopback(data_dir: Path, tmp_path: Path) -> None
     assert len(steps) == 10 and "x 2 ranks" in (run / "train.log").read_text()
 
 
-def test_slurm_tasks_become_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under Hydra's submitit launcher each SLURM task is a rank: SLURM's variables give torchrun's."""
+@pytest.mark.parametrize("master_port", [None, "29555"])
+def test_slurm_tasks_become_ranks(monkeypatch: pytest.MonkeyPatch, master_port: str | None) -> None:
+    """Under Hydra's submitit launcher each SLURM task is a rank: SLURM's variables give torchrun's (and a
+    MASTER_PORT the cluster exported is kept)."""
     from hydragpt.engine.distributed import DistEnv, launched_env
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
@@ -199,10 +201,13 @@ def test_slurm_tasks_become_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
         "SLURM_PROCID": "11",
         "SLURM_LOCALID": "3",
     }
+    if master_port:
+        slurm["MASTER_PORT"] = master_port
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
     assert launched_env() == DistEnv(rank=11, local_rank=3, world_size=16)
-    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    assert os.environ["MASTER_PORT"] == master_port if master_port else 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
 
 
 def test_slurm_launcher_config_composes() -> None:

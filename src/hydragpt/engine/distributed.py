@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hydragpt.config import DDPConfig
+from hydragpt.engine.system import local_gpu
 from hydragpt.errors import UserError
 
 
@@ -54,8 +55,9 @@ def _export_slurm_task_env() -> None:
     as torchrun would have, so the rest of the job cannot tell the difference."""
     from submitit.helpers import TorchDistributedEnvironment
 
-    # each task sees every GPU of its node and picks cuda:LOCAL_RANK, as under torchrun
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # overwrite: a MASTER_PORT (or address) the cluster or user exported is taken into account, not refused;
+    # CUDA_VISIBLE_DEVICES is left as SLURM set it (system.local_gpu picks this task's GPU)
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def quiet_other_ranks(env: DistEnv) -> None:
@@ -110,7 +112,7 @@ def setup(ddp: DDPConfig, device: str) -> DistEnv:
     if not dist.is_initialized():
         backend = backend_for(ddp, device)
         if backend == "nccl":  # before any collective: NCCL puts its buffers on the current GPU
-            torch.cuda.set_device(env.local_rank)
+            torch.cuda.set_device(local_gpu(env.local_rank))
         dist.init_process_group(backend, timeout=timedelta(seconds=ddp.timeout))
     return env
 

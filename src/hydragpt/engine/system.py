@@ -14,16 +14,22 @@ from hydragpt.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def local_gpu(local_rank: int) -> int:
+    """The GPU index of rank `local_rank` on its node: its own number, unless the cluster already bound
+    each process to one GPU (SLURM's --gpus-per-task or --gpu-bind), which it then sees as GPU 0."""
+    return 0 if torch.cuda.device_count() == 1 else local_rank
+
+
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicitly requested device must exist. Under torchrun
-    (`local_rank` given) `cuda` and `auto` mean this process's own GPU, cuda:<local_rank>."""
+    (`local_rank` given) `cuda` and `auto` mean this process's own GPU, cuda:<local_rank> (see local_gpu)."""
     if local_rank is not None and name.startswith("cuda:"):
         raise UserError(
             f"system.device={name} under torchrun would put every rank on one GPU",
             "use system.device=cuda (or auto): each rank takes GPU LOCAL_RANK",
         )
     if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
-        name = f"cuda:{local_rank}"
+        name = f"cuda:{local_gpu(local_rank)}"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
