@@ -79,7 +79,7 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
         raise UserError(f"bad override: {ex}", "use key=value") from ex
     for override in parsed:
         key = override.key_or_group
-        if key == "resume" or (key in choices and override.value() == choices[key]):
+        if key == "resume" or (key in choices and str(override.value()) == choices[key]):  # lists: logger=[a,b]
             continue
         node = OmegaConf.select(config, key, default=None)
         if override.is_delete() or override.is_add() or isinstance(node, DictConfig):

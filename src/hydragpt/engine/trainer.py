@@ -122,7 +122,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0
         self.best_val_loss = math.inf
-        self.run_id = secrets.token_hex(4)  # names this run in trackers (wandb's run id), kept on resume
+        self.run_id = secrets.token_hex(8)  # names this run in trackers (wandb's run id), kept on resume
         self.resumed = resume_from is not None
         if self.resumed:
             self.load_state_dict(resume_from)

@@ -114,7 +114,7 @@ def build_loggers(cfg: LoggerConfig, run: RunInfo) -> list[MetricsLogger]:
         if cfg.tensorboard is not None:
             from hydragpt.loggers.tensorboard_logger import TensorboardLogger
 
-            loggers.append(TensorboardLogger(run.dir / cfg.tensorboard.dir, run.resumed_at))
+            loggers.append(TensorboardLogger(run.dir / cfg.tensorboard.dir, run.dir, run.resumed_at))
         if cfg.wandb is not None:
             from hydragpt.loggers.wandb_logger import WandbLogger
 
@@ -126,8 +126,18 @@ def build_loggers(cfg: LoggerConfig, run: RunInfo) -> list[MetricsLogger]:
 
 
 def close_loggers(loggers: list[MetricsLogger], failed: bool) -> None:
-    for logger in loggers:
-        logger.close(failed)
+    """Close every logger, the last built (wandb) first, even if another fails to close: an unfinished
+    wandb run would swallow the next sweep job's metrics. A close error is raised only after a run that
+    otherwise succeeded; after a failed one, the run's own error is the one that matters."""
+    errors = []
+    for logger in reversed(loggers):
+        try:
+            logger.close(failed)
+        except Exception as ex:
+            log.warning("closing %s failed: %s", type(logger).__name__, ex)
+            errors.append(ex)
+    if errors and not failed:
+        raise errors[0]
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:

@@ -1,8 +1,8 @@
 """metrics.csv: the records of metrics.jsonl as a table, for spreadsheets and pandas.
 
 Training and evaluation records share one table (an evaluation row leaves the training columns empty).
-The file starts as a copy of metrics.jsonl, so a resumed run's table matches its trimmed metrics, and is
-rewritten whenever a record brings a new column.
+The file starts as a copy of metrics.jsonl, so a resumed run's table matches its trimmed metrics; rows
+are appended, and the file is rewritten only when a record brings a new column.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from hydragpt.loggers import METRICS_FILE, read_metrics
 class CsvLogger:
     def __init__(self, path: Path, run_dir: Path) -> None:
         self.path = path
-        self.rows = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
         self.columns: list[str] = []
-        self._add_columns(self.rows)
-        self._rewrite()
+        rows = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+        self._add_columns(rows)
+        self._write(rows)
 
     def log(self, record: dict[str, Any]) -> None:
-        self.rows.append(record)
         if self._add_columns([record]):
-            self._rewrite()
+            with open(self.path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            self._write([*rows, record])
             return
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, self.columns).writerow(record)
@@ -39,10 +40,10 @@ class CsvLogger:
         self.columns += list(dict.fromkeys(new))
         return bool(new)
 
-    def _rewrite(self) -> None:
+    def _write(self, rows: list[dict[str, Any]]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(rows)
         os.replace(tmp, self.path)

@@ -6,19 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from hydragpt.errors import UserError
+from hydragpt.loggers import METRICS_FILE, read_metrics
 
 
 class TensorboardLogger:
-    def __init__(self, log_dir: Path, resumed_at: int | None) -> None:
+    def __init__(self, log_dir: Path, run_dir: Path, resumed_at: int | None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as ex:
             raise UserError(
                 "logger=tensorboard needs the tensorboard package", "pip install 'hydragpt[tensorboard]'"
             ) from ex
-        # a resumed run redoes what came after its checkpoint's evaluation: TensorBoard hides those events
-        purge_step = None if resumed_at is None else resumed_at + 1
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        # A resumed run redoes every step from its checkpoint's on: TensorBoard hides the interrupted
+        # process's events from there, and the checkpoint's own evaluation (kept) is written again.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at)
+        if resumed_at is not None and (run_dir / METRICS_FILE).is_file():
+            for record in read_metrics(run_dir):
+                if record["iter"] == resumed_at and "val_loss" in record:
+                    self.log(record)
 
     def log(self, record: dict[str, Any]) -> None:
         section = "eval" if "val_loss" in record else "train"

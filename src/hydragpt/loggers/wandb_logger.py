@@ -6,11 +6,14 @@ run redoes land where they belong instead of being refused as going backwards.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from hydragpt.config import WandbConfig
 from hydragpt.errors import UserError
 from hydragpt.loggers import RunInfo
+
+FIX = "run `wandb login` or set WANDB_API_KEY, or log locally with logger.wandb.mode=offline"
 
 
 class WandbLogger:
@@ -19,6 +22,10 @@ class WandbLogger:
             import wandb
         except ImportError as ex:
             raise UserError("logger=wandb needs the wandb package", "pip install 'hydragpt[wandb]'") from ex
+        online = (cfg.mode or os.environ.get("WANDB_MODE") or "online") in ("online", "run")
+        # without a key wandb would ask for one at a terminal, and wait there with the other ranks
+        if online and not wandb.login(prompt=False, verify=False):
+            raise UserError("logger=wandb is online but wandb has no API key", FIX)
         try:
             self.run = wandb.init(
                 project=cfg.project,
@@ -30,18 +37,20 @@ class WandbLogger:
                 mode=cfg.mode,  # None: WANDB_MODE, else online
                 id=run.run_id,
                 resume="allow",
+                reinit="finish_previous",  # never log into a run an earlier sweep job left open
                 dir=run.dir,
                 config=run.config,
                 settings=wandb.Settings(init_timeout=cfg.init_timeout),
             )
-        except Exception as ex:  # no API key, no network, a bad entity: wandb's errors vary by version
+        except Exception as ex:  # no network, a bad key or entity: wandb's errors vary by version
             reason = next(iter(str(ex).strip().splitlines()), type(ex).__name__)
-            raise UserError(
-                f"wandb could not start a run: {reason}",
-                "run `wandb login` or set WANDB_API_KEY, or log locally with logger.wandb.mode=offline",
-            ) from ex
-        self.run.define_metric("iter")
-        self.run.define_metric("*", step_metric="iter")
+            raise UserError(f"wandb could not start a run: {reason}", FIX) from ex
+        try:
+            self.run.define_metric("iter")
+            self.run.define_metric("*", step_metric="iter")
+        except BaseException:
+            self.run.finish(exit_code=1)
+            raise
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(record)
