@@ -155,3 +155,12 @@ def test_csv_grows_columns_and_starts_from_the_jsonl(tmp_path: Path) -> None:
         ("0", "", "3.9"),
         ("1", "", "3.5"),
     ]
+
+
+def test_resume_with_the_original_list_of_loggers(train_run, tmp_path: Path) -> None:
+    """The original command line plus resume= works when it picked several loggers (a list choice)."""
+    run = tmp_path / "run"
+    assert train_run("logger=[tensorboard,csv]", "train.max_iters=2", "train.eval_interval=2").returncode == 0
+    result = train_run("logger=[tensorboard,csv]", f"resume={run}", "train.max_iters=4", "train.eval_interval=2")
+    assert result.returncode == 0, result.stderr
+    assert [r["iter"] for r in training_records(run)] == [0, 1, 2, 3]

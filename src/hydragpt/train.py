@@ -167,9 +167,17 @@ class ValidateConfigCallback(Callback):
 
 
 def _group_choices(hydra_cfg: DictConfig) -> dict[str, str]:
-    """Which option of each config group this run composed (model: tiny_cpu, ...), Hydra's own aside."""
-    return {
+    """Which option of each config group this run composed (model: tiny_cpu, ...), Hydra's own aside.
+
+    Hydra records no choice for a group given a list of options (`logger=[wandb,csv]`): those are taken
+    from the command line, in the form `apply_resume_overrides` compares them in.
+    """
+    choices = {
         group: str(option)
         for group, option in hydra_cfg.runtime.choices.items()
         if option is not None and not group.startswith("hydra")
     }
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        if isinstance(override.value(), list) and "." not in override.key_or_group:
+            choices.setdefault(override.key_or_group, str(override.value()))
+    return choices
