@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import DEBUG_RUN, REPO
+from tests.conftest import DEBUG_RUN, REPO, run_script
 
 
 def torchrun(nproc: int, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -52,16 +52,11 @@ def test_two_ranks_follow_one_process_with_twice_the_accumulation(
     assert result.returncode == 0, result.stderr[-3000:]
     (two_ranks,) = (tmp_path / "outputs").glob("*/*")  # exactly one run directory for the whole job
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing stray where it was launched
-    one = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            *common,
-            "train.grad_accum_steps=2",
-            f"hydra.run.dir={tmp_path / 'one'}",
-        ],
-        capture_output=True,
-        text=True,
+    one = run_script(
+        "train",
+        *common,
+        "train.grad_accum_steps=2",
+        f"hydra.run.dir={tmp_path / 'one'}",
         cwd=tmp_path,
     )
     assert one.returncode == 0, one.stderr
@@ -81,16 +76,11 @@ def test_resume_is_exact_on_two_ranks_and_may_change_the_world_size(data_dir: Pa
     for run in (resumed, regrouped):
         assert torchrun(2, *common, "train.max_iters=10", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
     assert torchrun(2, f"resume={resumed}", "train.max_iters=20", cwd=tmp_path).returncode == 0
-    one = subprocess.run(  # the rest of the run on 1 process, accumulating what the 2 ranks did
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            f"resume={regrouped}",
-            "train.max_iters=20",
-            "train.grad_accum_steps=2",
-        ],
-        capture_output=True,
-        text=True,
+    one = run_script(  # the rest of the run on 1 process, accumulating what the 2 ranks did
+        "train",
+        f"resume={regrouped}",
+        "train.max_iters=20",
+        "train.grad_accum_steps=2",
         cwd=tmp_path,
     )
     assert one.returncode == 0, one.stderr
@@ -212,19 +202,14 @@ def test_slurm_tasks_become_ranks(monkeypatch: pytest.MonkeyPatch, master_port: 
 
 def test_slurm_launcher_config_composes() -> None:
     """`--cfg all` (the job's and Hydra's config; `--cfg hydra` alone cannot resolve ${paths.output_dir})."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            "hydra/launcher=submitit_slurm",
-            "hydra.launcher.nodes=2",
-            "hydra.launcher.partition=gpu",
-            "--cfg",
-            "all",
-            "--resolve",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "train",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.partition=gpu",
+        "--cfg",
+        "all",
+        "--resolve",
         timeout=120,
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -234,9 +219,12 @@ def test_slurm_launcher_config_composes() -> None:
     assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 8  # one rank per GPU
 
 
-def test_submitit_tasks_train_like_torchrun_ranks(data_dir: Path, tmp_path: Path) -> None:
+def test_submitit_tasks_train_like_torchrun_ranks(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sweep job run by submitit as 2 tasks (its local executor stands in for SLURM) trains exactly as
     the same run under torchrun with 2 ranks: the tasks found their ranks and each other."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun sets it for its ranks
     common = [
         *DEBUG_RUN,
         f"paths.data_dir={data_dir}",
@@ -244,21 +232,15 @@ def test_submitit_tasks_train_like_torchrun_ranks(data_dir: Path, tmp_path: Path
         "train.max_iters=6",
         "train.eval_interval=3",
     ]
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            "-m",
-            "hydra/launcher=submitit_local",
-            "hydra.launcher.tasks_per_node=2",
-            "hydra.launcher.timeout_min=10",
-            *common,
-            "optim.lr=1e-2",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.timeout_min=10",
+        *common,
+        "optim.lr=1e-2",
         cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as torchrun sets it for its ranks
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -282,17 +264,12 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_is_the_usual_file(data_
     )
     resumed = torchrun(2, f"resume={sharded}", "train.max_iters=20", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    single = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train.py"),
-            *common,
-            "train.max_iters=20",
-            "train.grad_accum_steps=2",
-            f"hydra.run.dir={one}",
-        ],
-        capture_output=True,
-        text=True,
+    single = run_script(
+        "train",
+        *common,
+        "train.max_iters=20",
+        "train.grad_accum_steps=2",
+        f"hydra.run.dir={one}",
         cwd=tmp_path,
     )
     assert single.returncode == 0, single.stderr
@@ -308,10 +285,5 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_is_the_usual_file(data_
     for index, state in reference["optimizer"]["state"].items():  # the same parameter behind each number
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ckpt["optimizer"]["state"][index][key], state[key], rtol=1e-3, atol=1e-8)
-    sampled = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "sample.py"), f"ckpt={sharded}", "max_new_tokens=20", "num_samples=1"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    sampled = run_script("sample", f"ckpt={sharded}", "max_new_tokens=20", "num_samples=1", cwd=tmp_path)
     assert sampled.returncode == 0 and len(sampled.stdout.strip()) >= 20, sampled.stderr

@@ -142,6 +142,7 @@ def train(cfg: DictConfig) -> float:
     typed = train_config(run_config, distributed.launched_env().world_size)
     env = distributed.setup(typed.ddp, typed.system.device)
     distributed.quiet_other_ranks(env)
+    trainer = None
     try:
         run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
         choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
@@ -151,6 +152,8 @@ def train(cfg: DictConfig) -> float:
             log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
         return trainer.fit()
     finally:
+        if trainer is not None:  # also when a traceback keeps the trainer alive
+            trainer.unwrap()
         distributed.shutdown()
 
 

@@ -7,6 +7,7 @@ and every file in it; the other ranks learn the directory from it, write nothing
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -118,7 +119,15 @@ def setup(ddp: DDPConfig, device: str) -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the process group, once every DDP wrapper is gone (the caller drops its reference).
+
+    The garbage collection comes first because DDP's reducer sits in reference cycles. A reducer that
+    outlives the group owns gloo's group alone, and destroys it holding the GIL while it joins gloo's
+    worker threads; a worker still freeing a finished object collective (the checkpoint's RNG gather)
+    needs the GIL for that, and the rank hangs at exit.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

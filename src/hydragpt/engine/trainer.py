@@ -135,6 +135,10 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.dtype, cfg.system.peak_flops)
         self.flops_per_token = self.raw_model.flops_per_token()
 
+    def unwrap(self) -> None:
+        """Drop the DDP wrapper before the process group is destroyed (see distributed.shutdown)."""
+        self.model = self.eval_model
+
     def _model_config(self, init_ckpt: dict[str, Any] | None, resumed: bool) -> GPTConfig:
         """The model's shape: from the config (vocab from the data), or from the checkpoint we start from."""
         wanted = self.cfg.model
