@@ -1,13 +1,17 @@
-"""Sampling: reproducible under a seed, greedy at temperature 0, prompt files, token filtering."""
+"""Sampling: reproducible under a seed, greedy at temperature 0, prompt files, token filtering, and the KV
+cache computing what recomputing the context computes."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
-from hydragpt.sampling import SEPARATOR, latest_checkpoint, next_token
+from hydragpt.config import GPTConfig
+from hydragpt.model import GPT, KVCache
+from hydragpt.sampling import SEPARATOR, generate, latest_checkpoint, next_token, window_start
 from tests.conftest import run_script
 
 
@@ -69,3 +73,52 @@ def test_top_k_and_top_p_restrict_the_candidates() -> None:
     assert set(next_token(logits, 1.0, None, 0.7, g).flatten().tolist()) == {1, 3}
     assert set(next_token(logits, 1.0, None, 0.5, g).flatten().tolist()) == {1}
     assert next_token(logits, 0.0, None, None, g).flatten().tolist() == [1] * 200
+
+
+def test_cached_logits_equal_the_full_forward() -> None:
+    """Prefill then one token at a time through the KV cache gives the logits of the whole sequence."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=11, bias=True)).eval()
+    idx = torch.randint(11, (3, 16))
+    full, _ = model(idx)
+    cache = KVCache(2, 16)
+    prefill, _ = model(idx[:, :5], cache=cache)
+    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(idx[:, :1], cache=cache)
+
+
+def test_window_restarts_from_the_last_half_block() -> None:
+    assert [window_start(n, 8) for n in (1, 8, 9, 12, 13, 16, 17)] == [0, 0, 4, 4, 8, 8, 12]
+    assert all(n - window_start(n, 8) <= 8 for n in range(1, 100))
+
+
+def test_cached_and_uncached_greedy_agree_past_block_size() -> None:
+    """baby_char's shape with random weights scaled up (so the tokens vary instead of repeating one),
+    300 tokens past its 256-token block: both paths re-prefill the same windows and pick the same tokens."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False)).eval()
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() == 2):
+            weight.normal_(0, 2 / weight.shape[1] ** 0.5)
+    prompt = torch.randint(65, (1, 16))
+    new_tokens = 256 - 16 + 300
+    cached, uncached = (
+        torch.cat(list(generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)), dim=1)
+        for use_cache in (True, False)
+    )
+    assert cached.shape == (1, new_tokens) and len(set(cached[0].tolist())) > 10
+    assert torch.equal(cached, uncached)
+
+
+def test_sample_script_with_and_without_cache(trained_run: Path) -> None:
+    with_cache = sample(trained_run, "temperature=0", "num_samples=2", "max_new_tokens=100", "use_cache=true")
+    assert sample(trained_run, "temperature=0", "num_samples=2", "max_new_tokens=100", "use_cache=false") == with_cache
+
+
+def test_sampling_benchmark_reports_both_modes() -> None:
+    result = run_script("bench_sample", "model=debug", "max_new_tokens=40", "repeats=1", "num_samples=2")
+    assert result.returncode == 0, result.stderr
+    assert "| 1 | kv cache |" in result.stdout and "| 1 | recompute |" in result.stdout
+    assert "identical greedy tokens: yes" in result.stdout

@@ -182,6 +182,7 @@ class SampleConfig:
     seed: int
     device: str
     dtype: str
+    use_cache: bool
     paths: PathsConfig
 
 
@@ -214,6 +215,20 @@ class BenchPrepareConfig:
     task_mb: int
     seed: int
     work_dir: str
+
+
+@dataclass
+class BenchSampleConfig:
+    model: GPTConfig
+    ckpt: Optional[str]
+    vocab_size: int
+    prompt_tokens: int
+    max_new_tokens: int
+    num_samples: int
+    repeats: int
+    device: str
+    dtype: str
+    seed: int
 
 
 Schema = TypeVar("Schema")
@@ -427,4 +442,15 @@ def bench_prepare_config(cfg: DictConfig) -> BenchPrepareConfig:
     _require(bool(typed.workers) and min(typed.workers) >= 1, "workers must list counts >= 1", "e.g. workers=[1,2]")
     _require(typed.repeats >= 1, "repeats must be >= 1", "e.g. repeats=2")
     _require(typed.task_mb >= 1, "task_mb must be >= 1", "e.g. 4")
+    return typed
+
+
+def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
+    typed = to_dataclass(cfg, BenchSampleConfig)
+    validate_model(typed.model)
+    for key in ("vocab_size", "prompt_tokens", "max_new_tokens", "num_samples", "repeats"):
+        _require(getattr(typed, key) >= 1, f"{key} must be >= 1, got {getattr(typed, key)}", "set a positive count")
+    validate_device(typed.device, "device")
+    _choice(typed.dtype, DTYPES, "dtype")
+    validate_seed(typed.seed, "seed")
     return typed

@@ -17,6 +17,38 @@ from torch import nn
 from hydragpt.config import GPTConfig
 
 
+class KVCache:
+    """Every layer's keys and values of the positions seen so far, so that generation feeds the model
+    only the new token at each step instead of the whole context again.
+
+    The buffers hold `block_size` positions and are allocated at the first write, in the dtype the
+    keys come in (autocast's). `length` counts the positions filled.
+    """
+
+    def __init__(self, n_layer: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v (B, nh, T, hs) after the cached ones; returns all of them."""
+        cached = self.keys[layer]
+        if cached is None or cached.shape[0] != k.shape[0] or cached.dtype != k.dtype:
+            shape = (k.shape[0], k.shape[1], self.block_size, k.shape[3])
+            self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        keys, values = self.keys[layer], self.values[layer]
+        assert keys is not None and values is not None
+        end = self.length + k.shape[2]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -28,14 +60,20 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is None or cache.length == 0:
+            mask, causal = None, True  # the usual triangle
+        else:  # new positions after `cache.length` cached ones: each sees those and the new ones up to itself
+            mask, causal = torch.ones(T, cache.length + T, dtype=torch.bool, device=x.device).tril(cache.length), False
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -63,8 +101,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -118,16 +156,22 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.block_size
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position of `idx` (B, T), and the mean cross-entropy when `targets` is given."""
+        """Logits for every position of `idx` (B, T), and the mean cross-entropy when `targets` is given.
+
+        With a `cache`, `idx` continues the positions already in it, and its keys and values are added.
+        """
         _, t = idx.size()
-        if t > self.config.block_size:
-            raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
+        start = cache.length if cache is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of length {start + t} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)  # (t,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += t
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if targets is None:
             return logits, None

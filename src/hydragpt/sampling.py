@@ -16,7 +16,7 @@ from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
-from hydragpt.model import GPT
+from hydragpt.model import GPT, KVCache
 
 log = logging.getLogger("hydragpt.sample")
 
@@ -48,6 +48,20 @@ def next_token(
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
+def window_start(length: int, block_size: int) -> int:
+    """Where the model's context starts in a sequence of `length` tokens.
+
+    Up to `block_size` tokens it sees them all. Past that, positions are learned, so the context cannot
+    slide by one token while keeping cached keys (each would change position); instead it jumps: it
+    restarts from the last half block and grows again to a full block. Cached and uncached generation
+    both follow this, so they compute the same thing.
+    """
+    if length <= block_size:
+        return 0
+    jump = block_size - block_size // 2
+    return -(-(length - block_size) // jump) * jump
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -58,16 +72,27 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     vocab_limit: int | None = None,
+    use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B, 1) one step at a time, continuing the prompts `idx` (B, T).
 
-    Past `block_size` the model sees the most recent `block_size` tokens. `vocab_limit` keeps padded
-    vocabulary rows (never seen in training) from being sampled.
+    With `use_cache` the context window is run through the model once (prefill), then only each new
+    token (its keys and values join the cache); without, the whole window is recomputed every step.
+    `vocab_limit` keeps padded vocabulary rows (never seen in training) from being sampled.
     """
     block_size = model.config.block_size
+    cache = KVCache(model.config.n_layer, block_size) if use_cache else None
+    cached_from = -1  # where the cached window starts (none yet)
     for _ in range(max_new_tokens):
-        context = idx if idx.size(1) <= block_size else idx[:, -block_size:]
-        logits, _ = model(context)
+        start = window_start(idx.size(1), block_size)
+        if cache is None:
+            logits, _ = model(idx[:, start:])
+        elif start != cached_from:  # a new window: prefill it
+            cache.reset()
+            cached_from = start
+            logits, _ = model(idx[:, start:], cache=cache)
+        else:
+            logits, _ = model(idx[:, -1:], cache=cache)
         logits = logits[:, -1, :].float()
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
@@ -128,6 +153,7 @@ def sample(cfg: SampleConfig) -> list[str]:
             cfg.top_p,
             generator,
             tokenizer.vocab_size,
+            cfg.use_cache,
         ):
             new_tokens.append(token)
     generated = torch.cat(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(cfg.num_samples)]
