@@ -3,7 +3,10 @@ cache computing what recomputing the context computes."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import torch
 from hydragpt.config import GPTConfig
 from hydragpt.model import GPT, KVCache
 from hydragpt.sampling import SEPARATOR, generate, latest_checkpoint, next_token, window_start
-from tests.conftest import run_script
+from tests.conftest import REPO, run_script
 
 
 def samples(result) -> list[str]:
@@ -122,3 +125,37 @@ def test_sampling_benchmark_reports_both_modes() -> None:
     assert result.returncode == 0, result.stderr
     assert "| 1 | kv cache |" in result.stdout and "| 1 | recompute |" in result.stdout
     assert "identical greedy tokens: yes" in result.stdout
+
+
+def test_stop_strings_jsonl_and_an_output_file(trained_run: Path, tmp_path: Path) -> None:
+    """The same samples as without stop strings, each cut just before the first one."""
+    common = (f"ckpt={trained_run}", "start=ROMEO:", "num_samples=3", "max_new_tokens=60", "format=jsonl")
+    whole = [json.loads(line) for line in run_script("sample", *common).stdout.splitlines()]
+    stop = [whole[0]["completion"][20], whole[1]["completion"][30]]  # characters these samples do produce
+    out = tmp_path / "samples.jsonl"
+    result = run_script("sample", *common, f"stop=[{stop[0]!r},{stop[1]!r}]", f"out={out}")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert out.read_text() == result.stdout and [r["sample"] for r in records] == [0, 1, 2]
+    for cut, full in zip(records, whole, strict=True):
+        assert cut["prompt"] == "ROMEO:" and cut["text"] == "ROMEO:" + cut["completion"]
+        ends = [full["completion"].find(s) for s in stop if s in full["completion"]]
+        assert cut["completion"] == full["completion"][: min(ends, default=60)]
+    assert len(records[0]["completion"]) <= 20
+
+
+def test_chat_through_a_pipe(trained_run: Path) -> None:
+    """Two prompts, settings changed in between, then quit; the greedy answer is sample.py's."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sample.py"), f"ckpt={trained_run}", "chat=true", "max_new_tokens=15"],
+        input="ROMEO:\ntemp 0\ntokens 20\nJULIET:\ntemp hot\nquit\nnever read\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 15
+    greedy = sample(trained_run, "temperature=0", "num_samples=1", "max_new_tokens=20", "start=JULIET:")
+    assert second + "\n" == greedy[0]
+    assert "temperature: 0.0" in result.stderr and "error: temp needs a number, got 'hot'" in result.stderr

@@ -30,6 +30,7 @@ DDP_MODES = ("none", "ddp", "fsdp")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 SAMPLING = ("random", "sequential")
 WANDB_MODES = ("online", "offline", "disabled")
+SAMPLE_FORMATS = ("text", "jsonl")
 
 
 @dataclass
@@ -183,6 +184,10 @@ class SampleConfig:
     device: str
     dtype: str
     use_cache: bool
+    stop: list[str]
+    out: Optional[str]
+    format: str
+    chat: bool
     paths: PathsConfig
 
 
@@ -416,6 +421,8 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
     validate_device(typed.device, "device")
     _choice(typed.dtype, DTYPES, "dtype")
     validate_seed(typed.seed, "seed")
+    _choice(typed.format, SAMPLE_FORMATS, "format")
+    _require(all(typed.stop), "stop strings must not be empty", "e.g. stop=['\\n\\n']")
     return typed
 
 

@@ -5,8 +5,11 @@ A checkpoint alone is enough: it carries the weights, the model's shape and the 
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,37 +131,157 @@ def load_model(ckpt: dict, device: torch.device) -> tuple[GPT, Tokenizer]:
     return model, tokenizer_from_description(ckpt["tokenizer"])
 
 
+@dataclass
+class Settings:
+    """What one generation call needs besides the model; chat changes temperature and length as it goes."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop: list[str]
+    use_cache: bool
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string (left out), and whether one was found."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def complete(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    num_samples: int,
+    settings: Settings,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    stream: Callable[[str], None] | None = None,
+) -> list[str]:
+    """`num_samples` continuations of the prompt, generated as one batch, each ending at a stop string.
+
+    `stream` gets the first continuation's text piece by piece as it is generated (never half a
+    multi-byte character, never a stop string).
+    """
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)
+    ids: list[list[int]] = [[] for _ in range(num_samples)]
+    stopped = [False] * num_samples
+    streamed = 0
+    with autocast(device, dtype):
+        steps = generate(
+            model,
+            idx,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
+            generator,
+            tokenizer.vocab_size,
+            settings.use_cache,
+        )
+        for token in steps:
+            for i, new in enumerate(token[:, 0].tolist()):
+                if not stopped[i]:
+                    ids[i].append(new)
+                    stopped[i] = bool(settings.stop) and cut_at_stop(tokenizer.decode(ids[i]), settings.stop)[1]
+            if stream is not None:
+                text, _ = cut_at_stop(tokenizer.decode(ids[0]), settings.stop)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    stream(text[streamed:])
+                    streamed = len(text)
+            if all(stopped):
+                break
+    texts = [cut_at_stop(tokenizer.decode(i), settings.stop)[0] for i in ids]
+    if stream is not None:
+        stream(texts[0][streamed:])
+    return texts
+
+
+def format_samples(prompt: str, completions: list[str], output_format: str) -> str:
+    if output_format == "jsonl":
+        return "".join(
+            json.dumps({"sample": i, "prompt": prompt, "completion": c, "text": prompt + c}) + "\n"
+            for i, c in enumerate(completions)
+        )
+    return "".join(f"{prompt}{c}\n{SEPARATOR}\n" for c in completions)
+
+
 def sample(cfg: SampleConfig) -> list[str]:
-    """Print `num_samples` continuations of the prompt to stdout, each followed by a separator line."""
+    """Print `num_samples` continuations of the prompt to stdout (and to `out`), or chat."""
     path = latest_checkpoint(Path(cfg.paths.output_dir)) if cfg.ckpt == "latest" else Path(cfg.ckpt)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     log.info("sampling from %s on %s", path, device)
     model, tokenizer = load_model(load_checkpoint(path), device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop, cfg.use_cache)
+    if cfg.chat:
+        chat(model, tokenizer, settings, generator, dtype)
+        return []
     prompt = read_prompt(cfg.start)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise UserError("the prompt is empty", 'give start="<some text>" (the default is a newline)')
+    completions = complete(model, tokenizer, prompt_ids, cfg.num_samples, settings, generator, dtype)
+    output = format_samples(prompt, completions, cfg.format)
+    print(output, end="", flush=True)
+    if cfg.out:
+        Path(cfg.out).write_text(output, encoding="utf-8")
+        log.info("samples written to %s", cfg.out)
+    return [prompt + c for c in completions]
 
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
-    new_tokens: list[torch.Tensor] = []
-    with autocast(device, dtype):
-        for token in generate(
-            model,
-            idx,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_k,
-            cfg.top_p,
-            generator,
-            tokenizer.vocab_size,
-            cfg.use_cache,
-        ):
-            new_tokens.append(token)
-    generated = torch.cat(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(cfg.num_samples)]
-    texts = [prompt + tokenizer.decode(ids) for ids in generated]
-    for text in texts:
-        print(text)
-        print(SEPARATOR, flush=True)
-    return texts
+
+CHAT_HELP = "type a prompt and press enter; `temp X` sets the temperature, `tokens X` the length, `quit` ends"
+
+
+def chat(model: GPT, tokenizer: Tokenizer, settings: Settings, generator: torch.Generator, dtype: torch.dtype) -> None:
+    """Read prompts from stdin (a terminal or a pipe) and stream each continuation to stdout."""
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "quit":
+            return
+        text = line.rstrip("\n")
+        command, _, value = text.strip().partition(" ")
+        if command in ("temp", "tokens") and value:
+            try:
+                set_chat_setting(settings, command, value)
+            except UserError as ex:
+                print(f"error: {ex}", file=sys.stderr, flush=True)
+            continue
+        try:
+            prompt_ids = tokenizer.encode(text)
+        except UserError as ex:
+            print(f"error: {ex}", file=sys.stderr, flush=True)
+            continue
+        if not prompt_ids:
+            continue
+        print(text, end="", flush=True)
+        complete(model, tokenizer, prompt_ids, 1, settings, generator, dtype, stream=_print_now)
+        print(flush=True)
+
+
+def set_chat_setting(settings: Settings, command: str, value: str) -> None:
+    """`temp 0.5` or `tokens 100`, checked as sample.py's own settings are."""
+    try:
+        number = float(value) if command == "temp" else int(value)
+    except ValueError as ex:
+        raise UserError(
+            f"{command} needs a number, got '{value}'", f"e.g. {command} {0.8 if command == 'temp' else 200}"
+        ) from ex
+    if command == "temp":
+        if number < 0:
+            raise UserError(f"temperature must be >= 0, got {number}", "0 is greedy, e.g. temp 0.8")
+        settings.temperature = number
+    else:
+        if number < 1:
+            raise UserError(f"tokens must be >= 1, got {int(number)}", "e.g. tokens 200")
+        settings.max_new_tokens = int(number)
+    print(f"{'temperature' if command == 'temp' else 'new tokens'}: {number}", file=sys.stderr, flush=True)
+
+
+def _print_now(text: str) -> None:
+    print(text, end="", flush=True)
