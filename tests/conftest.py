@@ -44,6 +44,21 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
     )
 
 
+def torchrun(
+    nproc: int, *args: str, cwd: Path, env: dict[str, str] | None = None, script: str = "train"
+) -> subprocess.CompletedProcess:
+    """scripts/<script>.py under `torchrun --standalone` with `nproc` CPU processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*command, str(REPO / "scripts" / f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
 def train_debug(data_dir: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """scripts/train.py on the debug model for 30 iterations, evaluating at 0, 15 and 30."""
     return run_script(

@@ -15,20 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import DEBUG_RUN, REPO, run_script
-
-
-def torchrun(nproc: int, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """scripts/train.py under `torchrun --standalone` with `nproc` CPU processes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(
-        [*command, str(REPO / "scripts" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
+from tests.conftest import DEBUG_RUN, REPO, run_script, torchrun
 
 
 def losses(run_dir: Path) -> tuple[list[float], list[float]]:

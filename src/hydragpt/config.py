@@ -14,6 +14,7 @@ from typing import Any, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hydragpt.data.dataset import SPLITS
 from hydragpt.data.tokenizer import tiktoken_encodings
 from hydragpt.errors import UserError
 
@@ -234,6 +235,27 @@ class BenchSampleConfig:
     device: str
     dtype: str
     seed: int
+
+
+@dataclass
+class HellaswagConfig:
+    path: str
+    url: str
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str
+    task: str
+    split: str
+    dataset: Optional[str]
+    batch_size: int
+    device: str
+    dtype: str
+    limit: Optional[int]
+    show_examples: int
+    hellaswag: HellaswagConfig
+    paths: PathsConfig
 
 
 Schema = TypeVar("Schema")
@@ -460,4 +482,19 @@ def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
     validate_device(typed.device, "device")
     _choice(typed.dtype, DTYPES, "dtype")
     validate_seed(typed.seed, "seed")
+    return typed
+
+
+EVAL_TASKS = ("val_loss", "hellaswag")
+
+
+def eval_config(cfg: DictConfig) -> EvalConfig:
+    typed = to_dataclass(cfg, EvalConfig)
+    _choice(typed.task, EVAL_TASKS, "task")
+    _choice(typed.split, SPLITS, "split")
+    _require(typed.batch_size >= 1, f"batch_size must be >= 1, got {typed.batch_size}", "e.g. batch_size=8")
+    _require(typed.limit is None or typed.limit >= 1, "limit must be >= 1", "or null for everything")
+    _require(typed.show_examples >= 0, "show_examples must be >= 0", "e.g. show_examples=3")
+    validate_device(typed.device, "device")
+    _choice(typed.dtype, DTYPES, "dtype")
     return typed

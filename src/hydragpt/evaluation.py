@@ -1,0 +1,204 @@
+"""What `scripts/eval.py` runs: a checkpoint's loss over a whole split, or its HellaSwag accuracy.
+
+Under torchrun each rank scores its share (every world_size-th window or example) and the sums are
+all-reduced, so the result is the same on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hydragpt.config import DDPConfig, EvalConfig
+from hydragpt.data.dataset import TokenDataset
+from hydragpt.data.loader import to_device_batch
+from hydragpt.data.tokenizer import Tokenizer
+from hydragpt.engine import distributed
+from hydragpt.engine.checkpoint import load_checkpoint
+from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
+from hydragpt.errors import UserError
+from hydragpt.model import GPT
+from hydragpt.sampling import latest_checkpoint, load_model
+
+log = logging.getLogger("hydragpt.eval")
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Score the checkpoint; prints the result as one JSON object (the last stdout line) and returns it."""
+    env = distributed.setup(DDPConfig(name="ddp", backend="auto", timeout=600), cfg.device)
+    try:
+        path = latest_checkpoint(Path(cfg.paths.output_dir)) if cfg.ckpt == "latest" else Path(cfg.ckpt)
+        device = resolve_device(cfg.device, env.local_rank if env.is_distributed else None)
+        dtype = resolve_dtype(cfg.dtype, device)
+        ckpt = load_checkpoint(path)
+        model, tokenizer = load_model(ckpt, device)
+        log.info("evaluating %s on %s: %s", path, device, cfg.task)
+        with torch.no_grad(), autocast(device, dtype):
+            if cfg.task == "val_loss":
+                dataset = cfg.dataset or ckpt["config"]["data"]["name"]
+                result = split_loss(model, Path(cfg.paths.data_dir) / dataset, cfg, env)
+            else:
+                result = hellaswag(model, tokenizer, cfg, env)
+        if env.is_main:
+            print(json.dumps(result), flush=True)
+        return result
+    finally:
+        distributed.shutdown()
+
+
+def split_loss(model: GPT, dataset_dir: Path, cfg: EvalConfig, env: distributed.DistEnv) -> dict[str, Any]:
+    """Mean next-token loss over every token of the split: consecutive block_size windows, each token
+    predicted once (the first token of the split has no context and is not scored)."""
+    tokens = TokenDataset(dataset_dir).splits[cfg.split]
+    block = model.config.block_size
+    device = next(model.parameters()).device
+    starts = np.arange(0, len(tokens) - 1, block, dtype=np.int64)
+    if cfg.limit is not None:
+        starts = starts[: cfg.limit]
+    mine = starts[env.rank :: env.world_size]
+    total, count = (
+        torch.zeros((), dtype=torch.float64, device=device),
+        torch.zeros((), dtype=torch.float64, device=device),
+    )
+    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    for batch_starts in tqdm(batches, desc=f"{cfg.split} loss", unit="batch", disable=not env.is_main):
+        for start in batch_starts[batch_starts + block + 1 > len(tokens)]:  # the short last window alone
+            window = tokens.read(int(start), len(tokens) - int(start))
+            total_add, count_add = _window_loss(model, window, device)
+            total += total_add
+            count += count_add
+        full = batch_starts[batch_starts + block + 1 <= len(tokens)]
+        if len(full):
+            x, y = to_device_batch(tokens.windows(full, block + 1), device)
+            logits, _ = model(x)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            count += y.numel()
+    distributed.all_reduce(total, "sum")
+    distributed.all_reduce(count, "sum")
+    loss = (total / count).item()
+    return {"task": "val_loss", "split": cfg.split, "n_tokens": int(count.item()), "loss": loss, "ppl": math.exp(loss)}
+
+
+def _window_loss(model: GPT, window: np.ndarray, device: torch.device) -> tuple[torch.Tensor, int]:
+    x, y = to_device_batch(window[None, :].astype(np.int64), device)
+    logits, _ = model(x)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double(), y.numel()
+
+
+@dataclass
+class Scored:
+    """One HellaSwag example: the summed and the mean loss of each ending, and what they predict."""
+
+    index: int
+    label: int
+    split_type: str
+    sum_losses: list[float]
+    mean_losses: list[float]
+
+    @property
+    def pred(self) -> int:
+        return int(np.argmin(self.sum_losses))
+
+    @property
+    def pred_norm(self) -> int:
+        return int(np.argmin(self.mean_losses))
+
+
+def hellaswag(model: GPT, tokenizer: Tokenizer, cfg: EvalConfig, env: distributed.DistEnv) -> dict[str, Any]:
+    """build-nanogpt's method: context + each ending in one batch of 4, loss over the ending's tokens only;
+    `acc` picks the lowest summed loss, `acc_norm` the lowest mean loss per token."""
+    examples = read_hellaswag(Path(cfg.hellaswag.path), cfg.hellaswag.url)
+    if cfg.limit is not None:
+        examples = examples[: cfg.limit]
+    device = next(model.parameters()).device
+    mine = list(range(env.rank, len(examples), env.world_size))
+    scored = [
+        score_example(model, tokenizer, examples[i], i, device)
+        for i in tqdm(mine, desc="hellaswag", unit="example", disable=not env.is_main)
+    ]
+    counts = torch.zeros(3, 3, dtype=torch.float64, device=device)  # rows: all, zeroshot, indomain
+    for s in scored:
+        for row in (0, 1 if s.split_type == "zeroshot" else 2):
+            counts[row] += torch.tensor([1.0, s.pred == s.label, s.pred_norm == s.label], dtype=torch.float64)
+    distributed.all_reduce(counts, "sum")
+    if env.is_main and cfg.show_examples:
+        for s in scored[: cfg.show_examples]:
+            _show(examples[s.index], s)
+    n, correct, correct_norm = counts[0].tolist()
+    result: dict[str, Any] = {"task": "hellaswag", "n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
+    for row, split_type in ((1, "zeroshot"), (2, "indomain")):
+        if counts[row, 0] > 0:
+            result[f"acc_norm_{split_type}"] = (counts[row, 2] / counts[row, 0]).item()
+    return result
+
+
+def score_example(
+    model: GPT, tokenizer: Tokenizer, example: dict[str, Any], index: int, device: torch.device
+) -> Scored:
+    context = tokenizer.encode(example["ctx"])
+    endings = [tokenizer.encode(" " + ending) for ending in example["endings"]]
+    block = model.config.block_size
+    rows = []
+    for ending in endings:
+        row = (context + ending)[-block:]  # a context too long for the model keeps its end
+        rows.append((row, min(len(ending), len(row) - 1)))
+    width = max(len(r) for r, _ in rows)
+    idx = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (row, n_ending) in enumerate(rows):
+        idx[i, : len(row)] = torch.tensor(row)
+        mask[i, len(row) - n_ending : len(row)] = True
+    idx, mask = idx.to(device), mask.to(device)
+    logits, _ = model(idx)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
+    losses = losses.view(len(rows), width - 1) * mask[:, 1:]
+    sums = losses.sum(dim=1)
+    means = sums / mask[:, 1:].sum(dim=1)
+    return Scored(index, int(example["label"]), example.get("split_type", ""), sums.tolist(), means.tolist())
+
+
+def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
+    """The official jsonl (one example per line: ctx, endings, label, split_type), downloaded when absent."""
+    if not path.is_file():
+        log.info("downloading %s to %s", url, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as ex:
+            raise UserError(
+                f"cannot download HellaSwag from {url}: {ex}",
+                f"place the official hellaswag_val.jsonl at {path} (or point hellaswag.path at it)",
+            ) from ex
+        tmp.replace(path)
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            example = json.loads(line)
+            assert isinstance(example["ctx"], str) and len(example["endings"]) == 4 and 0 <= int(example["label"]) < 4
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as ex:
+            raise UserError(
+                f"{path}:{number} is not a HellaSwag example ({type(ex).__name__})",
+                "give the official hellaswag_val.jsonl: ctx, 4 endings and a label per line",
+            ) from ex
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path} holds no examples", "give the official hellaswag_val.jsonl")
+    return examples
+
+
+def _show(example: dict[str, Any], scored: Scored) -> None:
+    print(f"context: {example['ctx']}")
+    for i, ending in enumerate(example["endings"]):
+        print(f"  {i} (loss {scored.mean_losses[i]:.4f} per token, {scored.sum_losses[i]:.2f} in all): {ending}")
+    print(f"predicted {scored.pred_norm}, label {scored.label}")

@@ -1,0 +1,113 @@
+"""scripts/eval.py: loss over a whole split, HellaSwag accuracy, both against references computed here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hydragpt.data.dataset import TokenDataset
+from hydragpt.engine.checkpoint import load_checkpoint
+from hydragpt.sampling import load_model
+from tests.conftest import run_script, torchrun
+
+# Official hellaswag_val.jsonl fields; texts use only characters of the Shakespeare char vocabulary.
+FIXTURE = [
+    {"ctx": "ROMEO: What light through yonder", "endings": ["window breaks.", "cat sat.", "zzz qqq.", "and then"]},
+    {"ctx": "JULIET: O Romeo, Romeo, wherefore", "endings": ["art thou Romeo?", "xq jv.", "the the the", "ok"]},
+    {"ctx": "To be, or not to be, that is the", "endings": ["question.", "banana.", "kkkk", "on the way home"]},
+    {"ctx": "KING: My lord, the", "endings": ["queen is dead.", "qq", "of the king", "zzzz zzzz zzzz"]},
+    {"ctx": "Friends, Romans, countrymen, lend me your", "endings": ["ears;", "xx", "shoes and hats", "b"]},
+    {"ctx": "Now is the winter of our", "endings": ["discontent", "q", "summer days are here", "vvv"]},
+]
+
+
+@pytest.fixture
+def hellaswag_file(tmp_path: Path) -> Path:
+    path = tmp_path / "hellaswag_val.jsonl"
+    lines = [
+        {**e, "label": i % 4, "split_type": "zeroshot" if i % 2 else "indomain", "ind": i}
+        for i, e in enumerate(FIXTURE)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_val_loss_over_the_whole_split(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    common = ("eval", f"ckpt={trained_run}", f"paths.data_dir={data_dir}", "task=val_loss", "batch_size=5")
+    result = run_script(*common)
+    assert result.returncode == 0, result.stderr
+    got = last_json(result.stdout)
+    model, _ = load_model(load_checkpoint(trained_run), torch.device("cpu"))
+    tokens = np.concatenate([np.asarray(s) for s in TokenDataset(data_dir / "shakespeare_char").splits["val"].shards])
+    tokens = torch.from_numpy(tokens.astype(np.int64))
+    block, total = model.config.block_size, 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, block):  # every token but the first, predicted once
+            window = tokens[start : start + block + 1]
+            logits, _ = model(window[None, :-1])
+            total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    assert got["n_tokens"] == len(tokens) - 1
+    assert got["loss"] == pytest.approx(total / (len(tokens) - 1), rel=1e-6)
+    assert got["ppl"] == pytest.approx(math.exp(got["loss"]))
+
+    ranks = torchrun(2, *common[1:], cwd=tmp_path, script="eval")
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    assert last_json(ranks.stdout)["loss"] == pytest.approx(got["loss"], rel=1e-6)  # other batches, same sums
+
+
+def test_hellaswag_matches_a_reference_computed_by_hand(trained_run: Path, hellaswag_file: Path) -> None:
+    result = run_script(
+        "eval", f"ckpt={trained_run}", "task=hellaswag", f"hellaswag.path={hellaswag_file}", "show_examples=2"
+    )
+    assert result.returncode == 0, result.stderr
+    got = last_json(result.stdout)
+    model, tokenizer = load_model(load_checkpoint(trained_run), torch.device("cpu"))
+    correct = correct_norm = 0
+    by_type: dict[str, list[int]] = {"zeroshot": [], "indomain": []}
+    with torch.no_grad():
+        for line in hellaswag_file.read_text().splitlines():
+            example = json.loads(line)
+            context = tokenizer.encode(example["ctx"])
+            sums, means = [], []
+            for ending in example["endings"]:
+                ending_ids = tokenizer.encode(" " + ending)
+                ids = torch.tensor(context + ending_ids)[-model.config.block_size :]  # a long context keeps its end
+                logits, _ = model(ids[None, :-1])
+                losses = F.cross_entropy(logits[0], ids[1:], reduction="none")[-len(ending_ids) :]
+                sums.append(losses.sum().item())
+                means.append(losses.mean().item())
+            correct += int(np.argmin(sums)) == example["label"]
+            hit = int(np.argmin(means)) == example["label"]
+            correct_norm += hit
+            by_type[example["split_type"]].append(hit)
+    assert got["n"] == len(FIXTURE)
+    assert got["acc"] == correct / len(FIXTURE) and got["acc_norm"] == correct_norm / len(FIXTURE)
+    assert got["acc_norm_zeroshot"] == sum(by_type["zeroshot"]) / 3
+    assert got["acc_norm_indomain"] == sum(by_type["indomain"]) / 3
+    assert result.stdout.count("context: ") == 2 and "predicted" in result.stdout
+
+
+def test_hellaswag_offline_without_the_file(trained_run: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "hellaswag_val.jsonl"
+    result = run_script(
+        "eval",
+        f"ckpt={trained_run}",
+        "task=hellaswag",
+        f"hellaswag.path={missing}",
+        "hellaswag.url=http://127.0.0.1:9/x",
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("error: cannot download HellaSwag from http://127.0.0.1:9/x")
+    )
+    assert not missing.exists() and "Traceback" not in result.stderr
