@@ -32,6 +32,7 @@ DDP_BACKENDS = ("auto", "gloo", "nccl")
 SAMPLING = ("random", "sequential")
 WANDB_MODES = ("online", "offline", "disabled")
 SAMPLE_FORMATS = ("text", "jsonl")
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class GPTConfig:
     vocab_size: Optional[int] = None
     dropout: float = 0.0
     bias: bool = True
+    activation: str = "gelu"  # older checkpoints have no such key: they used exact GELU
 
 
 @dataclass
@@ -175,6 +177,7 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     ckpt: str
+    init_from: Optional[str]
     start: str
     num_samples: int
     max_new_tokens: int
@@ -246,6 +249,7 @@ class HellaswagConfig:
 @dataclass
 class EvalConfig:
     ckpt: str
+    init_from: Optional[str]
     task: str
     split: str
     dataset: Optional[str]
@@ -255,6 +259,13 @@ class EvalConfig:
     limit: Optional[int]
     show_examples: int
     hellaswag: HellaswagConfig
+    paths: PathsConfig
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str
+    out: str
     paths: PathsConfig
 
 
@@ -294,6 +305,7 @@ def validate_model(m: GPTConfig) -> None:
     )
     _require(m.vocab_size is None or m.vocab_size >= 1, "model.vocab_size must be >= 1", "or null for the data's")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}", "e.g. 0.0 or 0.2")
+    _choice(m.activation, ACTIVATIONS, "model.activation")
 
 
 def validate_seed(seed: int, key: str) -> None:
@@ -498,3 +510,7 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
     validate_device(typed.device, "device")
     _choice(typed.dtype, DTYPES, "dtype")
     return typed
+
+
+def export_config(cfg: DictConfig) -> ExportConfig:
+    return to_dataclass(cfg, ExportConfig)

@@ -24,11 +24,10 @@ from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.loader import to_device_batch
 from hydragpt.data.tokenizer import Tokenizer
 from hydragpt.engine import distributed
-from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
 from hydragpt.model import GPT
-from hydragpt.sampling import latest_checkpoint, load_model
+from hydragpt.sampling import load_model, load_source
 
 log = logging.getLogger("hydragpt.eval")
 
@@ -37,15 +36,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score the checkpoint; prints the result as one JSON object (the last stdout line) and returns it."""
     env = distributed.setup(DDPConfig(name="ddp", backend="auto", timeout=600), cfg.device)
     try:
-        path = latest_checkpoint(Path(cfg.paths.output_dir)) if cfg.ckpt == "latest" else Path(cfg.ckpt)
+        ckpt, name = load_source(cfg.ckpt, cfg.init_from, Path(cfg.paths.output_dir))
         device = resolve_device(cfg.device, env.local_rank if env.is_distributed else None)
         dtype = resolve_dtype(cfg.dtype, device)
-        ckpt = load_checkpoint(path)
         model, tokenizer = load_model(ckpt, device)
-        log.info("evaluating %s on %s: %s", path, device, cfg.task)
+        log.info("evaluating %s on %s: %s", name, device, cfg.task)
         with torch.no_grad(), autocast(device, dtype):
             if cfg.task == "val_loss":
-                dataset = cfg.dataset or ckpt["config"]["data"]["name"]
+                dataset = cfg.dataset or (ckpt["config"]["data"]["name"] if "config" in ckpt else None)
+                if dataset is None:
+                    raise UserError("a pretrained model has no dataset of its own", "give dataset=<prepared dataset>")
                 result = split_loss(model, Path(cfg.paths.data_dir) / dataset, cfg, env)
             else:
                 result = hellaswag(model, tokenizer, cfg, env)

@@ -19,6 +19,7 @@ from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
+from hydragpt.hf import is_pretrained, load_pretrained
 from hydragpt.model import GPT, KVCache
 
 log = logging.getLogger("hydragpt.sample")
@@ -124,6 +125,17 @@ def read_prompt(start: str) -> str:
         raise UserError(f"cannot read prompt file {path}: {ex}", "give a readable UTF-8 text file") from ex
 
 
+def load_source(ckpt: str, init_from: str | None, output_dir: Path) -> tuple[dict, str]:
+    """What sample.py and eval.py run: a pretrained GPT-2 (`init_from`), else a checkpoint (`ckpt`,
+    "latest" for the newest under the outputs directory); with a description for the log."""
+    if init_from:
+        if not is_pretrained(init_from):
+            raise UserError(f"unknown init_from={init_from}", "use gpt2, gpt2-medium, gpt2-large, gpt2-xl or hf:<dir>")
+        return load_pretrained(init_from), init_from
+    path = latest_checkpoint(output_dir) if ckpt == "latest" else Path(ckpt)
+    return load_checkpoint(path), str(path)
+
+
 def load_model(ckpt: dict, device: torch.device) -> tuple[GPT, Tokenizer]:
     model = GPT(GPTConfig(**{**ckpt["model_config"], "dropout": 0.0}))
     model.load_state_dict(ckpt["model"])
@@ -210,11 +222,11 @@ def format_samples(prompt: str, completions: list[str], output_format: str) -> s
 
 def sample(cfg: SampleConfig) -> list[str]:
     """Print `num_samples` continuations of the prompt to stdout (and to `out`), or chat."""
-    path = latest_checkpoint(Path(cfg.paths.output_dir)) if cfg.ckpt == "latest" else Path(cfg.ckpt)
+    source, name = load_source(cfg.ckpt, cfg.init_from, Path(cfg.paths.output_dir))
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    log.info("sampling from %s on %s", path, device)
-    model, tokenizer = load_model(load_checkpoint(path), device)
+    log.info("sampling from %s on %s", name, device)
+    model, tokenizer = load_model(source, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop, cfg.use_cache)
     if cfg.chat:

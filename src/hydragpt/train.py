@@ -58,6 +58,7 @@ FROZEN_ON_RESUME = (
     "model.block_size",
     "model.vocab_size",
     "model.bias",
+    "model.activation",
     "data.name",
     "data.tokenizer",
     "data.sampling",

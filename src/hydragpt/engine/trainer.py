@@ -45,6 +45,7 @@ from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
 from hydragpt.errors import UserError
+from hydragpt.hf import is_pretrained, load_pretrained
 from hydragpt.loggers import MetricsLogger, build_loggers, close_loggers, run_info, trim_metrics
 from hydragpt.model import GPT
 from hydragpt.plot import plot_run
@@ -85,7 +86,7 @@ class Trainer:
         self.data = TokenDataset(Path(cfg.paths.data_dir) / cfg.data.name)
         init_ckpt = resume_from
         if init_ckpt is None and t.init_from != "scratch":
-            init_ckpt = load_checkpoint(t.init_from)
+            init_ckpt = load_pretrained(t.init_from) if is_pretrained(t.init_from) else load_checkpoint(t.init_from)
         self.model_config = self._model_config(init_ckpt, resumed=resume_from is not None)
         self.data.require_block(self.model_config.block_size)
         self.run_config = {**run_config, "model": asdict(self.model_config)}  # the shape actually built

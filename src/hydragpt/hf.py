@@ -1,0 +1,130 @@
+"""GPT-2 in Hugging Face's format: OpenAI's pretrained weights in, our checkpoints out.
+
+The two models are the same network under the same parameter names, except that Hugging Face's GPT-2
+keeps its four projection matrices as `Conv1D` weights, (in, out) where `nn.Linear` has (out, in), and
+that OpenAI's GPT-2 uses the tanh approximation of GELU (`model.activation=gelu_tanh` here). Both
+directions go through `transformers` (the `hf` extra); a local directory (`hf:<dir>`) needs no network.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from hydragpt.config import GPTConfig
+from hydragpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_PREFIX = "hf:"
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_TOKENIZER = {"kind": "tiktoken", "name": "gpt2"}
+# Hugging Face's names for our activations, and the ones it may use for ours.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def is_pretrained(name: str) -> bool:
+    """`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (from the Hub) or `hf:<local directory>`."""
+    return name in PRETRAINED or name.startswith(HF_PREFIX)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as ex:
+        raise UserError("GPT-2 import and export need the transformers package", "pip install 'hydragpt[hf]'") from ex
+    return transformers
+
+
+def load_pretrained(name: str) -> dict[str, Any]:
+    """A pretrained GPT-2 as the parts of a checkpoint a new run starts from (weights, shape, tokenizer)."""
+    transformers = _transformers()
+    source = name.removeprefix(HF_PREFIX)
+    if name.startswith(HF_PREFIX) and not (Path(source) / "config.json").is_file():
+        raise UserError(f"{source} is not a Hugging Face model directory (no config.json)", "give hf:<directory>")
+    try:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(source)
+    except (OSError, ValueError) as ex:
+        reason = next(iter(str(ex).strip().splitlines()), type(ex).__name__)
+        raise UserError(
+            f"cannot load GPT-2 '{source}': {reason}",
+            "check the name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), the network, or use hf:<local directory>",
+        ) from ex
+    c = hf_model.config
+    unsupported = {
+        "activation_function": c.activation_function not in FROM_HF_ACTIVATION,
+        "n_inner": c.n_inner not in (None, 4 * c.n_embd),
+        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": c.reorder_and_upcast_attn,
+        "layer_norm_epsilon": c.layer_norm_epsilon != 1e-5,
+    }
+    if any(unsupported.values()):
+        options = ", ".join(k for k, bad in unsupported.items() if bad)
+        raise UserError(f"'{source}' uses GPT-2 options this model does not have: {options}", "use a plain GPT-2")
+    config = GPTConfig(
+        name=Path(source).name,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        block_size=c.n_positions,
+        vocab_size=c.vocab_size,
+        dropout=0.0,
+        bias=True,
+        activation=FROM_HF_ACTIVATION[c.activation_function],
+    )
+    state = {
+        key: value.t().contiguous() if key.endswith(CONV1D) else value
+        for key, value in hf_model.state_dict().items()
+        if not key.endswith((".attn.bias", ".attn.masked_bias"))  # causal-mask buffers of older versions
+    }
+    log.info("loaded GPT-2 '%s': %d layers, %d heads, %d wide", source, c.n_layer, c.n_head, c.n_embd)
+    return {"model": state, "model_config": asdict(config), "tokenizer": GPT2_TOKENIZER}
+
+
+def export(ckpt: dict[str, Any], out_dir: Path) -> None:
+    """Write `ckpt`'s model as a Hugging Face GPT-2 directory (config.json, model.safetensors, and the
+    tokenizer files when the tokenizer is GPT-2's)."""
+    transformers = _transformers()
+    config = GPTConfig(**ckpt["model_config"])
+    if not config.bias:
+        raise UserError(
+            "GPT-2 has biases in every linear and layer-norm layer, and this model was trained with model.bias=false",
+            "export a model trained with model.bias=true",
+        )
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function=HF_ACTIVATIONS[config.activation],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=50256 if ckpt["tokenizer"] == GPT2_TOKENIZER else None,
+        eos_token_id=50256 if ckpt["tokenizer"] == GPT2_TOKENIZER else None,
+    )
+    hf_model = transformers.GPT2LMHeadModel(hf_config)
+    state = {k: v.t().contiguous() if k.endswith(CONV1D) else v for k, v in ckpt["model"].items()}
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise UserError(
+            f"the checkpoint's weights do not fit GPT-2 (missing {missing}, unexpected {unexpected})",
+            "export a hydragpt GPT checkpoint",
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out_dir, safe_serialization=True)
+    if ckpt["tokenizer"] == GPT2_TOKENIZER:
+        import tiktoken
+        from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+
+        convert_tiktoken_to_fast(tiktoken.get_encoding("gpt2"), out_dir)
+    else:
+        log.info("tokenizer %s has no Hugging Face equivalent: no tokenizer files written", ckpt["tokenizer"]["kind"])

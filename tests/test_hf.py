@@ -1,0 +1,87 @@
+"""GPT-2 interop: Hugging Face's GPT-2 in (init_from=hf:<dir>) and our checkpoints out (export.py),
+with logits equal to transformers' on both sides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydragpt.config import GPTConfig
+from hydragpt.hf import export, load_pretrained
+from hydragpt.model import GPT
+from tests.conftest import run_script
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_gpt2(path: Path, vocab_size: int = 101) -> torch.nn.Module:
+    """A small, randomly initialised GPT-2 saved the way the Hub's are (OpenAI's gelu_new, biases)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=64, n_embd=48, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_hugging_face_gpt2_loads_with_equal_logits(tmp_path: Path) -> None:
+    reference = hf_gpt2(tmp_path / "hf")
+    pretrained = load_pretrained(f"hf:{tmp_path / 'hf'}")
+    config = GPTConfig(**pretrained["model_config"])
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (3, 4, 48, 64)
+    assert config.activation == "gelu_tanh" and config.bias and pretrained["tokenizer"]["name"] == "gpt2"
+    model = GPT(config).eval()
+    model.load_state_dict(pretrained["model"])
+    idx = torch.randint(101, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], reference(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_round_trip_gives_transformers_our_logits(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    config = GPTConfig(name="t", n_layer=2, n_head=2, n_embd=32, block_size=40, vocab_size=70, bias=True)
+    model = GPT(config).eval()
+    ckpt = {"model": model.state_dict(), "model_config": asdict(config), "tokenizer": {"kind": "char", "chars": "x"}}
+    export(ckpt, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "config.json").is_file()
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(70, (3, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_export_script_and_its_refusal(trained_run: Path, tmp_path: Path) -> None:
+    """The debug model has no biases, which GPT-2 cannot express: one clear error, nothing written."""
+    result = run_script("export", f"ckpt={trained_run}", f"out={tmp_path / 'out'}")
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("error: GPT-2 has biases in every linear")
+
+
+def test_sample_and_eval_from_a_pretrained_directory(tmp_path: Path, gpt2_bpe: None) -> None:
+    hf_gpt2(tmp_path / "hf", vocab_size=50257)
+    sampled = run_script(
+        "sample", f"init_from=hf:{tmp_path / 'hf'}", "start=Hello", "max_new_tokens=5", "num_samples=1", "seed=3"
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("Hello") and sampled.stdout.count("---------------") == 1
+    missing = run_script("sample", f"init_from=hf:{tmp_path / 'nothing'}")
+    assert missing.returncode == 2 and "is not a Hugging Face model directory" in missing.stderr
+
+
+def test_export_writes_gpt2_tokenizer_files(tmp_path: Path, gpt2_bpe: None) -> None:
+    import tiktoken
+
+    config = GPTConfig(name="t", n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257, bias=True)
+    ckpt = {
+        "model": GPT(config).state_dict(),
+        "model_config": asdict(config),
+        "tokenizer": {"kind": "tiktoken", "name": "gpt2"},
+    }
+    export(ckpt, tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "Hello, I'm a language model,  émigré 123\n\nok"
+    assert tokenizer.encode(text) == tiktoken.get_encoding("gpt2").encode(text)
