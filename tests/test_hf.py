@@ -12,7 +12,7 @@ import torch
 from hydragpt.config import GPTConfig
 from hydragpt.hf import export, load_pretrained
 from hydragpt.model import GPT
-from tests.conftest import run_script
+from tests.conftest import prepare_dataset, run_script
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,3 +85,37 @@ def test_export_writes_gpt2_tokenizer_files(tmp_path: Path, gpt2_bpe: None) -> N
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "Hello, I'm a language model,  émigré 123\n\nok"
     assert tokenizer.encode(text) == tiktoken.get_encoding("gpt2").encode(text)
+
+
+def test_finetune_recipe_from_a_local_gpt2(gpt2_bpe: None, tmp_path: Path, corpus_file: Path) -> None:
+    """experiment=finetune_shakespeare from hf:<dir>: the shape comes from the weights (only dropout may
+    change), the run's first evaluation is the pretrained model's, and its checkpoint exports back."""
+    hf_gpt2(tmp_path / "hf", vocab_size=50257)
+    prepare_dataset(tmp_path / "data", "shakespeare_gpt2", corpus_file)
+    run = tmp_path / "run"
+    result = run_script(
+        "train",
+        "experiment=finetune_shakespeare",
+        f"train.init_from=hf:{tmp_path / 'hf'}",
+        "system=cpu",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={run}",
+        "train.max_iters=2",
+        "train.grad_accum_steps=2",
+        "train.eval_iters=2",
+        "train.eval_interval=2",
+        "model.dropout=0.1",
+    )
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    shape = ckpt["model_config"]
+    assert (shape["n_layer"], shape["n_embd"], shape["block_size"], shape["activation"], shape["dropout"]) == (
+        3,
+        48,
+        64,
+        "gelu_tanh",
+        0.1,
+    )
+    exported = run_script("export", f"ckpt={run}", f"out={tmp_path / 'back'}")
+    assert exported.returncode == 0, exported.stderr
+    assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").config.n_layer == 3
