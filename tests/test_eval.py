@@ -111,3 +111,33 @@ def test_hellaswag_offline_without_the_file(trained_run: Path, tmp_path: Path) -
         result.stderr.strip().splitlines()[-1].startswith("error: cannot download HellaSwag from http://127.0.0.1:9/x")
     )
     assert not missing.exists() and "Traceback" not in result.stderr
+
+
+def test_hellaswag_during_training_and_per_example_results(
+    train_run, trained_run: Path, hellaswag_file: Path, tmp_path: Path
+) -> None:
+    """train.hellaswag_interval adds the score to evaluation records; eval.py out= keeps every example's."""
+    result = train_run(
+        "train.max_iters=4", "train.eval_interval=2", "train.hellaswag_interval=2", f"hellaswag.path={hellaswag_file}"
+    )
+    assert result.returncode == 0, result.stderr
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 2, 4] and all(0 <= r["hellaswag_acc_norm"] <= 1 for r in evals)
+    assert "hellaswag acc_norm" in result.stdout
+
+    out = tmp_path / "hellaswag.json"
+    scored = run_script(
+        "eval", f"ckpt={trained_run}", "task=hellaswag", f"hellaswag.path={hellaswag_file}", f"out={out}"
+    )
+    assert scored.returncode == 0, scored.stderr
+    summary = json.loads(out.read_text())
+    examples = [json.loads(line) for line in Path(f"{out}.examples.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in examples] == list(range(len(FIXTURE)))
+    assert summary["acc_norm"] == sum(e["pred_norm"] == e["label"] for e in examples) / len(FIXTURE)
+
+
+def test_hellaswag_interval_must_fall_on_evaluations(train_run) -> None:
+    result = train_run("train.eval_interval=10", "train.hellaswag_interval=15")
+    assert result.returncode == 2
+    assert "train.hellaswag_interval=15 is not a multiple of train.eval_interval=10" in result.stderr

@@ -158,6 +158,14 @@ class TrainLoopConfig:
     eval_only: bool
     init_from: str
     crop_block_size: Optional[int]
+    hellaswag_interval: Optional[int]
+    hellaswag_examples: Optional[int]
+
+
+@dataclass
+class HellaswagConfig:
+    path: str
+    url: str
 
 
 @dataclass
@@ -171,6 +179,7 @@ class TrainConfig:
     logger: LoggerConfig
     paths: PathsConfig
     train: TrainLoopConfig
+    hellaswag: HellaswagConfig
     resume: Optional[str] = None
 
 
@@ -241,12 +250,6 @@ class BenchSampleConfig:
 
 
 @dataclass
-class HellaswagConfig:
-    path: str
-    url: str
-
-
-@dataclass
 class EvalConfig:
     ckpt: str
     init_from: Optional[str]
@@ -258,6 +261,7 @@ class EvalConfig:
     dtype: str
     limit: Optional[int]
     show_examples: int
+    out: Optional[str]
     hellaswag: HellaswagConfig
     paths: PathsConfig
 
@@ -354,6 +358,15 @@ def validate_train(cfg: TrainConfig) -> None:
         _require(t.crop_block_size >= 1, "train.crop_block_size must be >= 1", "or null to keep the block size")
         _require(t.init_from != "scratch", "train.crop_block_size only applies with train.init_from", "or set it null")
     validate_seed(cfg.system.seed, "system.seed")
+    if t.hellaswag_interval is not None:
+        _require(
+            t.hellaswag_interval >= 1 and t.hellaswag_interval % t.eval_interval == 0,
+            f"train.hellaswag_interval={t.hellaswag_interval} is not a multiple of train.eval_interval"
+            f"={t.eval_interval}",
+            "HellaSwag is scored at evaluations: use a multiple of eval_interval, or null",
+        )
+    examples = t.hellaswag_examples
+    _require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
     _choice(cfg.optim.name, OPTIMIZERS, "optim")
     _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 result = hellaswag(model, tokenizer, cfg, env)
         if env.is_main:
             print(json.dumps(result), flush=True)
+            if cfg.out:
+                Path(cfg.out).write_text(json.dumps(result) + "\n")
         return result
     finally:
         distributed.shutdown()
@@ -113,33 +115,54 @@ class Scored:
     def pred_norm(self) -> int:
         return int(np.argmin(self.mean_losses))
 
+    def record(self) -> dict[str, Any]:
+        return {**asdict(self), "pred": self.pred, "pred_norm": self.pred_norm}
+
 
 def hellaswag(model: GPT, tokenizer: Tokenizer, cfg: EvalConfig, env: distributed.DistEnv) -> dict[str, Any]:
-    """build-nanogpt's method: context + each ending in one batch of 4, loss over the ending's tokens only;
-    `acc` picks the lowest summed loss, `acc_norm` the lowest mean loss per token."""
+    """scripts/eval.py task=hellaswag: the scores, worked examples on request, and every example's
+    scores as JSON lines beside `out`."""
     examples = read_hellaswag(Path(cfg.hellaswag.path), cfg.hellaswag.url)
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
+    result, scored = hellaswag_scores(model, tokenizer, examples, env, progress=True)
+    if env.is_main and cfg.show_examples:
+        for s in scored[: cfg.show_examples]:
+            _show(examples[s.index], s)
+    if cfg.out:  # every rank's scores, in example order
+        gathered = distributed.gather_objects([s.record() for s in scored])
+        records = sorted((r for rank in gathered for r in rank), key=lambda r: r["index"])
+        if env.is_main:
+            Path(f"{cfg.out}.examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return result
+
+
+def hellaswag_scores(
+    model: GPT, tokenizer: Tokenizer, examples: list[dict[str, Any]], env: distributed.DistEnv, progress: bool
+) -> tuple[dict[str, Any], list[Scored]]:
+    """build-nanogpt's method: context + each ending in one batch of 4, loss over the ending's tokens only;
+    `acc` picks the lowest summed loss, `acc_norm` the lowest mean loss per token. Each rank scores every
+    world_size-th example; all run the same number of forwards (a sharded model gathers its weights in
+    each), the ranks short of one scoring a repeat that does not count. Returns this rank's scores too."""
     device = next(model.parameters()).device
     mine = list(range(env.rank, len(examples), env.world_size))
-    scored = [
-        score_example(model, tokenizer, examples[i], i, device)
-        for i in tqdm(mine, desc="hellaswag", unit="example", disable=not env.is_main)
-    ]
+    scored = []
+    for k in tqdm(range(-(-len(examples) // env.world_size)), desc="hellaswag", disable=not (progress and env.is_main)):
+        if k < len(mine):
+            scored.append(score_example(model, tokenizer, examples[mine[k]], mine[k], device))
+        else:
+            score_example(model, tokenizer, examples[0], 0, device)
     counts = torch.zeros(3, 3, dtype=torch.float64, device=device)  # rows: all, zeroshot, indomain
     for s in scored:
         for row in (0, 1 if s.split_type == "zeroshot" else 2):
             counts[row] += torch.tensor([1.0, s.pred == s.label, s.pred_norm == s.label], dtype=torch.float64)
     distributed.all_reduce(counts, "sum")
-    if env.is_main and cfg.show_examples:
-        for s in scored[: cfg.show_examples]:
-            _show(examples[s.index], s)
     n, correct, correct_norm = counts[0].tolist()
     result: dict[str, Any] = {"task": "hellaswag", "n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
     for row, split_type in ((1, "zeroshot"), (2, "indomain")):
         if counts[row, 0] > 0:
             result[f"acc_norm_{split_type}"] = (counts[row, 2] / counts[row, 0]).item()
-    return result
+    return result, scored
 
 
 def score_example(

@@ -29,7 +29,12 @@ def plot_run(run_dir: Path) -> Path:
     loss_ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
     loss_ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
     loss_ax.set(title="loss", xlabel="iter")
-    loss_ax.legend()
+    loss_ax.legend(loc="upper left")
+    hellaswag = [r for r in evals if "hellaswag_acc_norm" in r]
+    if hellaswag:  # train.hellaswag_interval: accuracy on its own axis, on the right
+        acc_ax = loss_ax.twinx()
+        acc_ax.plot([r["iter"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag], "s--", color="C3")
+        acc_ax.set(ylabel="HellaSwag acc_norm")
     lr_ax.plot([r["iter"] for r in steps], [r["lr"] for r in steps])
     lr_ax.set(title="learning rate", xlabel="iter")
     norm_ax.plot([r["iter"] for r in steps], [r["grad_norm"] for r in steps])

@@ -65,11 +65,15 @@ class ConsoleLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         if "val_loss" in record:
+            hellaswag = (
+                f", hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else ""
+            )
             log.info(
-                "eval at iter %d: train loss %.4f, val loss %.4f",
+                "eval at iter %d: train loss %.4f, val loss %.4f%s",
                 record["iter"],
                 record["train_loss"],
                 record["val_loss"],
+                hellaswag,
             )
             return
         mfu = f", mfu {100 * record['mfu']:.2f}%" if record.get("mfu") is not None else ""
