@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hydragpt.config import GPTConfig
+from hydragpt.errors import UserError
 from hydragpt.hf import export, load_pretrained
 from hydragpt.model import GPT
 from tests.conftest import prepare_dataset, run_script
@@ -17,13 +18,15 @@ from tests.conftest import prepare_dataset, run_script
 transformers = pytest.importorskip("transformers")
 
 
-def hf_gpt2(path: Path, vocab_size: int = 101) -> torch.nn.Module:
-    """A small, randomly initialised GPT-2 saved the way the Hub's are (OpenAI's gelu_new, biases)."""
+def hf_gpt2(path: Path) -> torch.nn.Module:
+    """A small GPT-2 with GPT-2's vocabulary, saved the way the Hub's are (OpenAI's gelu_new, biases).
+    Every parameter is random, biases and layer norms included, so no mapping mistake hides behind a 0 or 1."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=vocab_size, n_positions=64, n_embd=48, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0
-    )
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=4)
     model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
     model.save_pretrained(path)
     return model
 
@@ -36,7 +39,7 @@ def test_hugging_face_gpt2_loads_with_equal_logits(tmp_path: Path) -> None:
     assert config.activation == "gelu_tanh" and config.bias and pretrained["tokenizer"]["name"] == "gpt2"
     model = GPT(config).eval()
     model.load_state_dict(pretrained["model"])
-    idx = torch.randint(101, (2, 64))
+    idx = torch.randint(50257, (2, 64))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], reference(idx).logits, rtol=1e-5, atol=1e-5)
 
@@ -62,7 +65,7 @@ def test_export_script_and_its_refusal(trained_run: Path, tmp_path: Path) -> Non
 
 
 def test_sample_and_eval_from_a_pretrained_directory(tmp_path: Path, gpt2_bpe: None) -> None:
-    hf_gpt2(tmp_path / "hf", vocab_size=50257)
+    hf_gpt2(tmp_path / "hf")
     sampled = run_script(
         "sample", f"init_from=hf:{tmp_path / 'hf'}", "start=Hello", "max_new_tokens=5", "num_samples=1", "seed=3"
     )
@@ -70,6 +73,16 @@ def test_sample_and_eval_from_a_pretrained_directory(tmp_path: Path, gpt2_bpe: N
     assert sampled.stdout.startswith("Hello") and sampled.stdout.count("---------------") == 1
     missing = run_script("sample", f"init_from=hf:{tmp_path / 'nothing'}")
     assert missing.returncode == 2 and "is not a Hugging Face model directory" in missing.stderr
+    no_data = run_script("eval", f"init_from=hf:{tmp_path / 'hf'}", "task=val_loss")
+    assert no_data.returncode == 2 and "a pretrained model has no dataset of its own" in no_data.stderr
+
+
+def test_gpt2_options_this_model_lacks_are_refused(tmp_path: Path) -> None:
+    config = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    config.tie_word_embeddings = False
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError, match="tie_word_embeddings=false, vocab_size=100"):
+        load_pretrained(f"hf:{tmp_path / 'hf'}")
 
 
 def test_export_writes_gpt2_tokenizer_files(tmp_path: Path, gpt2_bpe: None) -> None:
@@ -90,7 +103,7 @@ def test_export_writes_gpt2_tokenizer_files(tmp_path: Path, gpt2_bpe: None) -> N
 def test_finetune_recipe_from_a_local_gpt2(gpt2_bpe: None, tmp_path: Path, corpus_file: Path) -> None:
     """experiment=finetune_shakespeare from hf:<dir>: the shape comes from the weights (only dropout may
     change), the run's first evaluation is the pretrained model's, and its checkpoint exports back."""
-    hf_gpt2(tmp_path / "hf", vocab_size=50257)
+    hf_gpt2(tmp_path / "hf")
     prepare_dataset(tmp_path / "data", "shakespeare_gpt2", corpus_file)
     run = tmp_path / "run"
     result = run_script(

@@ -13,8 +13,18 @@ import pytest
 import torch
 
 from hydragpt.config import GPTConfig
+from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.model import GPT, KVCache
-from hydragpt.sampling import SEPARATOR, generate, latest_checkpoint, next_token, window_start
+from hydragpt.sampling import (
+    SEPARATOR,
+    Settings,
+    complete,
+    generate,
+    latest_checkpoint,
+    load_model,
+    next_token,
+    window_start,
+)
 from tests.conftest import REPO, run_script
 
 
@@ -148,7 +158,7 @@ def test_chat_through_a_pipe(trained_run: Path) -> None:
     """Two prompts, settings changed in between, then quit; the greedy answer is sample.py's."""
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "sample.py"), f"ckpt={trained_run}", "chat=true", "max_new_tokens=15"],
-        input="ROMEO:\ntemp 0\ntokens 20\nJULIET:\ntemp hot\nquit\nnever read\n",
+        input="ROMEO:\ntemp 0\ntokens 20\nJULIET:\ntemp -1\nquit\nnever read\n",
         capture_output=True,
         text=True,
         timeout=120,
@@ -158,4 +168,24 @@ def test_chat_through_a_pipe(trained_run: Path) -> None:
     assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 15
     greedy = sample(trained_run, "temperature=0", "num_samples=1", "max_new_tokens=20", "start=JULIET:")
     assert second + "\n" == greedy[0]
-    assert "temperature: 0.0" in result.stderr and "error: temp needs a number, got 'hot'" in result.stderr
+    assert "temperature: 0.0" in result.stderr and "error: temperature must be a number >= 0, got -1.0" in result.stderr
+
+
+def test_newline_stop_and_streaming_never_shows_a_stop(trained_run: Path) -> None:
+    """stop=['\\n'] on the command line means a newline; streamed pieces add up to the answer, which
+    never contains a stop string, even one completed only by a later token."""
+    whole = sample(trained_run, "temperature=0", "num_samples=1", "max_new_tokens=200", "start=ROMEO:")[0]
+    cut = sample(trained_run, "temperature=0", "num_samples=1", "max_new_tokens=200", "start=ROMEO:", "stop=['\\n']")
+    completion = whole.removeprefix("ROMEO:")
+    assert cut[0] == "ROMEO:" + completion[: completion.find("\n")] + "\n"  # print adds one newline
+
+    model, tokenizer = load_model(load_checkpoint(trained_run), torch.device("cpu"))
+    stop = [completion[5:8], "\n\n"]  # three characters the model does produce (first seen at 5 or before)
+    pieces: list[str] = []
+    settings = Settings(100, 0.0, None, None, stop, True)
+    generator = torch.Generator().manual_seed(0)
+    (answer,) = complete(
+        model, tokenizer, tokenizer.encode("ROMEO:"), 1, settings, generator, torch.float32, pieces.append
+    )
+    expected = completion[: min(completion.find(s) for s in stop if s in completion)]
+    assert "".join(pieces) == answer == expected

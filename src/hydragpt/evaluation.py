@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hydragpt.config import DDPConfig, EvalConfig
+from hydragpt.config import DDPConfig, EvalConfig, HellaswagConfig
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.loader import to_device_batch
 from hydragpt.data.tokenizer import Tokenizer
@@ -46,6 +47,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 dataset = cfg.dataset or (ckpt["config"]["data"]["name"] if "config" in ckpt else None)
                 if dataset is None:
                     raise UserError("a pretrained model has no dataset of its own", "give dataset=<prepared dataset>")
+                if TokenDataset(Path(cfg.paths.data_dir) / dataset).meta.tokenizer != ckpt["tokenizer"]:
+                    raise UserError(
+                        f"the model's tokenizer is not dataset '{dataset}'s", "score it on a dataset of its tokenizer"
+                    )
                 result = split_loss(model, Path(cfg.paths.data_dir) / dataset, cfg, env)
             else:
                 result = hellaswag(model, tokenizer, cfg, env)
@@ -68,33 +73,38 @@ def split_loss(model: GPT, dataset_dir: Path, cfg: EvalConfig, env: distributed.
     if cfg.limit is not None:
         starts = starts[: cfg.limit]
     mine = starts[env.rank :: env.world_size]
-    total, count = (
-        torch.zeros((), dtype=torch.float64, device=device),
-        torch.zeros((), dtype=torch.float64, device=device),
-    )
+    total = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+    count = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     for batch_starts in tqdm(batches, desc=f"{cfg.split} loss", unit="batch", disable=not env.is_main):
         for start in batch_starts[batch_starts + block + 1 > len(tokens)]:  # the short last window alone
             window = tokens.read(int(start), len(tokens) - int(start))
             total_add, count_add = _window_loss(model, window, device)
-            total += total_add
+            total += total_add.to(total.dtype)
             count += count_add
         full = batch_starts[batch_starts + block + 1 <= len(tokens)]
         if len(full):
             x, y = to_device_batch(tokens.windows(full, block + 1), device)
             logits, _ = model(x)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").to(total.dtype)
             count += y.numel()
     distributed.all_reduce(total, "sum")
     distributed.all_reduce(count, "sum")
+    if count.item() == 0:
+        raise UserError(f"the {cfg.split} split has no token to predict", "prepare the dataset with more text")
     loss = (total / count).item()
     return {"task": "val_loss", "split": cfg.split, "n_tokens": int(count.item()), "loss": loss, "ppl": math.exp(loss)}
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """Float64 for sums over millions of tokens, except on Apple's MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _window_loss(model: GPT, window: np.ndarray, device: torch.device) -> tuple[torch.Tensor, int]:
     x, y = to_device_batch(window[None, :].astype(np.int64), device)
     logits, _ = model(x)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double(), y.numel()
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"), y.numel()
 
 
 @dataclass
@@ -122,9 +132,7 @@ class Scored:
 def hellaswag(model: GPT, tokenizer: Tokenizer, cfg: EvalConfig, env: distributed.DistEnv) -> dict[str, Any]:
     """scripts/eval.py task=hellaswag: the scores, worked examples on request, and every example's
     scores as JSON lines beside `out`."""
-    examples = read_hellaswag(Path(cfg.hellaswag.path), cfg.hellaswag.url)
-    if cfg.limit is not None:
-        examples = examples[: cfg.limit]
+    examples = load_hellaswag(cfg.hellaswag, env)[: cfg.limit]
     result, scored = hellaswag_scores(model, tokenizer, examples, env, progress=True)
     if env.is_main and cfg.show_examples:
         for s in scored[: cfg.show_examples]:
@@ -152,11 +160,11 @@ def hellaswag_scores(
             scored.append(score_example(model, tokenizer, examples[mine[k]], mine[k], device))
         else:
             score_example(model, tokenizer, examples[0], 0, device)
-    counts = torch.zeros(3, 3, dtype=torch.float64, device=device)  # rows: all, zeroshot, indomain
+    rows = [[0.0, 0.0, 0.0] for _ in range(3)]  # all, zeroshot, indomain: examples, correct, correct_norm
     for s in scored:
         for row in (0, 1 if s.split_type == "zeroshot" else 2):
-            counts[row] += torch.tensor([1.0, s.pred == s.label, s.pred_norm == s.label], dtype=torch.float64)
-    distributed.all_reduce(counts, "sum")
+            rows[row] = [rows[row][0] + 1, rows[row][1] + (s.pred == s.label), rows[row][2] + (s.pred_norm == s.label)]
+    counts = distributed.all_reduce(torch.tensor(rows, dtype=accumulator_dtype(device), device=device), "sum")
     n, correct, correct_norm = counts[0].tolist()
     result: dict[str, Any] = {"task": "hellaswag", "n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
     for row, split_type in ((1, "zeroshot"), (2, "indomain")):
@@ -190,12 +198,19 @@ def score_example(
     return Scored(index, int(example["label"]), example.get("split_type", ""), sums.tolist(), means.tolist())
 
 
+def load_hellaswag(cfg: HellaswagConfig, env: distributed.DistEnv) -> list[dict[str, Any]]:
+    """The examples on every rank: rank 0 reads (or downloads) the file, the others get its examples,
+    so no two processes download to one place."""
+    examples = read_hellaswag(Path(cfg.path), cfg.url) if env.is_main else None
+    return distributed.broadcast_object(examples)
+
+
 def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
     """The official jsonl (one example per line: ctx, endings, label, split_type), downloaded when absent."""
     if not path.is_file():
         log.info("downloading %s to %s", url, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
         try:
             urllib.request.urlretrieve(url, tmp)
         except OSError as ex:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_PREFIX = "hf:"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-GPT2_TOKENIZER = {"kind": "tiktoken", "name": "gpt2"}
+GPT2_TOKENIZER = {"kind": "tiktoken", "name": "gpt2"}  # what every imported model is taken to use
+GPT2_VOCAB = 50257
 # Hugging Face's names for our activations, and the ones it may use for ours.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -61,6 +62,9 @@ def load_pretrained(name: str) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
         "reorder_and_upcast_attn": c.reorder_and_upcast_attn,
         "layer_norm_epsilon": c.layer_norm_epsilon != 1e-5,
+        "tie_word_embeddings=false": not c.tie_word_embeddings,
+        "scale_attn_weights=false": not c.scale_attn_weights,
+        f"vocab_size={c.vocab_size} (GPT-2's tokenizer has 50257)": c.vocab_size < GPT2_VOCAB,
     }
     if any(unsupported.values()):
         options = ", ".join(k for k, bad in unsupported.items() if bad)
@@ -125,6 +129,12 @@ def export(ckpt: dict[str, Any], out_dir: Path) -> None:
         import tiktoken
         from transformers.integrations.tiktoken import convert_tiktoken_to_fast
 
-        convert_tiktoken_to_fast(tiktoken.get_encoding("gpt2"), out_dir)
+        try:
+            encoding = tiktoken.get_encoding("gpt2")
+        except Exception as ex:  # its BPE files are downloaded once, then cached
+            raise UserError(
+                f"cannot load GPT-2's tokenizer: {ex}", "connect once, or set TIKTOKEN_CACHE_DIR to a seeded cache"
+            ) from ex
+        convert_tiktoken_to_fast(encoding, out_dir)
     else:
         log.info("tokenizer %s has no Hugging Face equivalent: no tokenizer files written", ckpt["tokenizer"]["kind"])

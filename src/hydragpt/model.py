@@ -38,6 +38,7 @@ class KVCache:
         """Store the new positions' k, v (B, nh, T, hs) after the cached ones; returns all of them."""
         cached = self.keys[layer]
         if cached is None or cached.shape[0] != k.shape[0] or cached.dtype != k.dtype:
+            assert self.length == 0, "the batch or dtype changed in the middle of a cached sequence"
             shape = (k.shape[0], k.shape[1], self.block_size, k.shape[3])
             self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)

@@ -5,8 +5,10 @@ A checkpoint alone is enough: it carries the weights, the model's shape and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,18 +54,19 @@ def next_token(
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-def window_start(length: int, block_size: int) -> int:
-    """Where the model's context starts in a sequence of `length` tokens.
+def window_start(length: int, block_size: int, origin: int = 0) -> int:
+    """Where the model's context starts in a sequence of `length` tokens whose first window starts at
+    `origin` (the prompt's last `block_size` tokens).
 
-    Up to `block_size` tokens it sees them all. Past that, positions are learned, so the context cannot
-    slide by one token while keeping cached keys (each would change position); instead it jumps: it
-    restarts from the last half block and grows again to a full block. Cached and uncached generation
-    both follow this, so they compute the same thing.
+    Up to a full block the window grows. Past that, positions are learned, so the context cannot slide
+    by one token while keeping cached keys (each would change position); instead it jumps: it restarts
+    from the last half block and grows again to a full block. Cached and uncached generation both follow
+    this, so they compute the same thing.
     """
-    if length <= block_size:
-        return 0
+    if length - origin <= block_size:
+        return origin
     jump = block_size - block_size // 2
-    return -(-(length - block_size) // jump) * jump
+    return origin + -(-(length - origin - block_size) // jump) * jump
 
 
 @torch.no_grad()
@@ -85,10 +88,11 @@ def generate(
     `vocab_limit` keeps padded vocabulary rows (never seen in training) from being sampled.
     """
     block_size = model.config.block_size
+    origin = max(0, idx.size(1) - block_size)  # a long prompt: its last block
     cache = KVCache(model.config.n_layer, block_size) if use_cache else None
     cached_from = -1  # where the cached window starts (none yet)
     for _ in range(max_new_tokens):
-        start = window_start(idx.size(1), block_size)
+        start = window_start(idx.size(1), block_size, origin)
         if cache is None:
             logits, _ = model(idx[:, start:])
         elif start != cached_from:  # a new window: prefill it
@@ -155,6 +159,16 @@ class Settings:
     use_cache: bool
 
 
+def _held_back(text: str, stop: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (not shown yet)."""
+    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t` and the like typed on the command line, as the characters they mean."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """`text` up to the first stop string (left out), and whether one was found."""
     cuts = [text.find(s) for s in stop if s in text]
@@ -198,11 +212,12 @@ def complete(
                 if not stopped[i]:
                     ids[i].append(new)
                     stopped[i] = bool(settings.stop) and cut_at_stop(tokenizer.decode(ids[i]), settings.stop)[1]
-            if stream is not None:
-                text, _ = cut_at_stop(tokenizer.decode(ids[0]), settings.stop)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    stream(text[streamed:])
-                    streamed = len(text)
+            if stream is not None and not stopped[0]:
+                text = tokenizer.decode(ids[0])
+                ready = len(text) - _held_back(text, settings.stop)
+                if ready > streamed and not text[:ready].endswith("\ufffd"):  # the rest of a multi-byte char
+                    stream(text[streamed:ready])
+                    streamed = ready
             if all(stopped):
                 break
     texts = [cut_at_stop(tokenizer.decode(i), settings.stop)[0] for i in ids]
@@ -228,7 +243,8 @@ def sample(cfg: SampleConfig) -> list[str]:
     log.info("sampling from %s on %s", name, device)
     model, tokenizer = load_model(source, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop, cfg.use_cache)
+    stop = [unescape(s) for s in cfg.stop]  # stop=['\\n\\n'] means a blank line
+    settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.use_cache)
     if cfg.chat:
         chat(model, tokenizer, settings, generator, dtype)
         return []
@@ -253,12 +269,15 @@ def chat(model: GPT, tokenizer: Tokenizer, settings: Settings, generator: torch.
     print(CHAT_HELP, file=sys.stderr)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            return
         if not line or line.strip() == "quit":
             return
-        text = line.rstrip("\n")
+        text = line.rstrip("\r\n")
         command, _, value = text.strip().partition(" ")
-        if command in ("temp", "tokens") and value:
+        if command in ("temp", "tokens") and _is_number(value):  # "tokens of affection" is a prompt
             try:
                 set_chat_setting(settings, command, value)
             except UserError as ex:
@@ -272,7 +291,8 @@ def chat(model: GPT, tokenizer: Tokenizer, settings: Settings, generator: torch.
         if not prompt_ids:
             continue
         print(text, end="", flush=True)
-        complete(model, tokenizer, prompt_ids, 1, settings, generator, dtype, stream=_print_now)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops this answer, not the chat
+            complete(model, tokenizer, prompt_ids, 1, settings, generator, dtype, stream=_print_now)
         print(flush=True)
 
 
@@ -285,14 +305,22 @@ def set_chat_setting(settings: Settings, command: str, value: str) -> None:
             f"{command} needs a number, got '{value}'", f"e.g. {command} {0.8 if command == 'temp' else 200}"
         ) from ex
     if command == "temp":
-        if number < 0:
-            raise UserError(f"temperature must be >= 0, got {number}", "0 is greedy, e.g. temp 0.8")
+        if not 0 <= number < math.inf:
+            raise UserError(f"temperature must be a number >= 0, got {number}", "0 is greedy, e.g. temp 0.8")
         settings.temperature = number
     else:
         if number < 1:
             raise UserError(f"tokens must be >= 1, got {int(number)}", "e.g. tokens 200")
         settings.max_new_tokens = int(number)
     print(f"{'temperature' if command == 'temp' else 'new tokens'}: {number}", file=sys.stderr, flush=True)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _print_now(text: str) -> None:

@@ -53,6 +53,8 @@ def bench_sample(cfg: BenchSampleConfig) -> str:
             with autocast(device, dtype):
                 steps = generate(model, prompt, cfg.max_new_tokens, temperature=0.0, use_cache=use_cache)
                 outputs[use_cache] = torch.cat(list(steps), dim=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the clock stops when the GPU is done, not when it was told
             seconds = time.perf_counter() - start
             speeds[use_cache].append(cfg.num_samples * cfg.max_new_tokens / seconds)
             lines.append(f"| {round_ + 1} | {MODES[use_cache]} | {seconds:.2f} | {speeds[use_cache][-1]:,.0f} |")

@@ -32,7 +32,7 @@ from hydragpt.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from hydragpt.engine.distributed import DistEnv, all_reduce, broadcast_object, gather_objects
+from hydragpt.engine.distributed import DistEnv, all_reduce, gather_objects
 from hydragpt.engine.fsdp import (
     full_model_state,
     full_optimizer_state,
@@ -45,7 +45,7 @@ from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
 from hydragpt.errors import UserError
-from hydragpt.evaluation import hellaswag_scores, read_hellaswag
+from hydragpt.evaluation import hellaswag_scores, load_hellaswag
 from hydragpt.hf import is_pretrained, load_pretrained
 from hydragpt.loggers import MetricsLogger, build_loggers, close_loggers, run_info, trim_metrics
 from hydragpt.model import GPT
@@ -136,9 +136,8 @@ class Trainer:
             self.model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.peak_flops = peak_flops(self.device, self.dtype, cfg.system.peak_flops)
         self.hellaswag: list[dict[str, Any]] = []  # examples scored at evaluations, when asked for
-        if t.hellaswag_interval:  # rank 0 reads (or downloads) the file; the others get its examples
-            examples = read_hellaswag(Path(cfg.hellaswag.path), cfg.hellaswag.url) if self.env.is_main else None
-            self.hellaswag = broadcast_object(examples)[: t.hellaswag_examples]
+        if t.hellaswag_interval:
+            self.hellaswag = load_hellaswag(cfg.hellaswag, self.env)[: t.hellaswag_examples]
         self.flops_per_token = self.raw_model.flops_per_token()
 
     def unwrap(self) -> None:
