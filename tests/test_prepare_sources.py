@@ -135,6 +135,13 @@ def test_char_tokenizer_over_several_documents_separates_them_by_newline(tmp_pat
     assert dataset.tokenizer.decode(all_tokens(dataset, "val")) == "\nabc\nde\nfgh\nij"
 
 
+def assert_same_files(out: Path, reference: Path) -> None:
+    """A resumed preparation left exactly the files an uninterrupted one did, byte for byte."""
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for path in reference.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_interrupted_preparation_continues_to_the_same_result(
     gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,9 +155,7 @@ def test_interrupted_preparation_continues_to_the_same_result(
     with pytest.raises(UserError, match="interrupted preparation made with other settings or another corpus"):
         prepare_dataset(tmp_path / "resumed", "text", source, *args[:-1], "data.val_split=tail")
     prepare_dataset(tmp_path / "resumed", "text", source, *args)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
-    for path in reference.iterdir():
-        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert_same_files(out, reference)
 
 
 def test_bad_jsonl_records_are_user_errors(tmp_path: Path) -> None:
@@ -210,9 +215,7 @@ def test_interrupted_between_finishing_a_shard_and_recording_it(
     args = ("workers=1", "task_mb=1", "data.shard_tokens=100000", "data.val_split=docs")
     reference = prepare_dataset(tmp_path / "reference", "text", source, *args)
     interrupt(monkeypatch, "_save_record", 2, tmp_path / "resumed", "text", source, *args)
-    out = prepare_dataset(tmp_path / "resumed", "text", source, *args)
-    for path in reference.iterdir():
-        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert_same_files(prepare_dataset(tmp_path / "resumed", "text", source, *args), reference)
 
 
 def test_overwrite_with_a_bad_corpus_keeps_the_prepared_dataset(gpt2_bpe: None, tmp_path: Path) -> None:

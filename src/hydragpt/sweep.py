@@ -69,11 +69,12 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = [job_row(run_dir, result) for run_dir, result in sorted(results, key=lambda item: item[1]["job"])]
     swept = _swept_keys(sweep_dir)
     for row in rows:
-        row["overrides"] = " ".join(o for o in row["overrides"] if swept is None or _key(o) in swept)
+        row["overrides"] = " ".join(o for o in row["overrides"] if swept is None or override_key(o) in swept)
     return rows
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
+    """`optim.lr` of `optim.lr=1e-3` (and of `+optim.lr=...`, `~optim.lr`)."""
     return override.split("=", 1)[0].lstrip("+~")
 
 

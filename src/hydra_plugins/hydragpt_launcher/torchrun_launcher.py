@@ -73,10 +73,11 @@ class TorchrunLauncher(BasicLauncher):
     def _run_job(self, cfg: DictConfig) -> Any:
         """Runs in place of the task function: the job's own torchrun, in the directory Hydra made for it."""
         from hydragpt.errors import UserError, user_environment
+        from hydragpt.sweep import best_val_loss, override_key
 
         hydra_cfg = HydraConfig.get()
         job_dir = Path(hydra_cfg.runtime.output_dir)
-        hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not _key(o).startswith(SWEEP_ONLY)]
+        hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not override_key(o).startswith(SWEEP_ONLY)]
         command = [
             sys.executable,
             "-m",
@@ -105,13 +106,7 @@ class TorchrunLauncher(BasicLauncher):
                 f"job {hydra_cfg.job.num} failed: {first_error or f'torchrun exited with status {job.returncode}'}",
                 f"its log: {job_dir / 'train.log'}",
             )
-        from hydragpt.sweep import best_val_loss
-
         return best_val_loss(job_dir)
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _quoted(path: Path) -> str:
