@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_RUN, REPO, run_script
+from hydragpt.config import bench_prepare_config, export_config
+from hydragpt.engine.checkpoint import RESUME_KEYS, load_checkpoint, save_checkpoint
+from hydragpt.errors import UserError
+from hydragpt.evaluation import read_hellaswag
+from hydragpt.plot import plot_run
+from hydragpt.sweep import sweep_rows
+from tests.conftest import DEBUG_RUN, REPO, compose_config, run_script
 
 
 def assert_user_error(result, *fragments: str) -> None:
@@ -111,6 +118,18 @@ def test_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     assert_user_error(run_script("sample", f"ckpt={bogus}"), "is not a readable hydragpt checkpoint")
 
 
+def test_incomplete_checkpoints_are_refused(trained_run: Path, tmp_path: Path) -> None:
+    hollow = tmp_path / "hollow.pt"
+    save_checkpoint(hollow, {"step": 3})  # the right format marker, nothing else
+    with pytest.raises(UserError, match=r"hollow.pt is an incomplete hydragpt checkpoint \(no model, model_config"):
+        load_checkpoint(hollow)
+    weights_only = {k: v for k, v in load_checkpoint(trained_run).items() if k not in ("optimizer", "rng")}
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", weights_only)  # samples, cannot resume
+    assert load_checkpoint(tmp_path / "run")["step"] == 30
+    with pytest.raises(UserError, match=r"incomplete hydragpt checkpoint \(no optimizer, rng\)"):
+        load_checkpoint(tmp_path / "run", require=RESUME_KEYS)
+
+
 def test_truncated_checkpoint_is_refused_and_left_alone(trained_run: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.pt"
     data = (trained_run / "checkpoints" / "last.pt").read_bytes()
@@ -152,6 +171,48 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path: Path, data_dir: Path)
     result = train(data_dir, tmp_path, f"resume={tmp_path / 'no_such_run'}")
     assert_user_error(result, "is not a run directory")
     assert not (tmp_path / "no_such_run").exists()
+
+
+def test_a_new_run_never_writes_over_an_old_one(train_run, tmp_path: Path) -> None:
+    assert train_run("train.max_iters=2", "train.eval_interval=2").returncode == 0
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in [*run.glob("checkpoints/*.pt"), *run.glob(".hydra/*.yaml")]}
+    result = train_run("train.max_iters=4")  # the same hydra.run.dir, without resume=
+    assert_user_error(result, f"{run} already holds a run with checkpoints", f"continue it with resume={run}")
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_unusable_metrics_and_sweep_records(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('[1, 2]\n5\n{"loss": 1.0}\nnot json\n')
+    with pytest.raises(UserError, match="holds no training or evaluation records"):
+        plot_run(tmp_path)
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    (job / "result.json").write_text('{"status": "completed"}')
+    with pytest.raises(UserError, match=r"result.json is not a sweep job's record"):
+        sweep_rows(tmp_path / "sweep")
+
+
+def test_unusable_hellaswag_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="is a directory"):
+        read_hellaswag(tmp_path, "https://example.invalid/hellaswag.jsonl")
+    binary = tmp_path / "hellaswag.jsonl"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        read_hellaswag(binary, "https://example.invalid/hellaswag.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("config", "schema", "override", "message"),
+    [
+        ("export", export_config, "out=", "out= is empty"),
+        ("bench_prepare", bench_prepare_config, "seed=-1", "seed must be in [0, 2^32), got -1"),
+        ("bench_prepare", bench_prepare_config, "tokenizer=foo", "unknown tokenizer 'foo'"),
+    ],
+)
+def test_script_settings_checked_up_front(config: str, schema, override: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        schema(compose_config(config, ["ckpt=x", override] if config == "export" else [override]))
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -98,7 +94,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path: Path, monkeypat
     with pytest.raises(UserError, match=r"could not write checkpoint .*No space left on device"):
         save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path, require=("step",))["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
@@ -212,9 +208,9 @@ def test_run_directory_resolves_to_the_later_step_not_the_newer_file(tmp_path: P
     checkpoints = tmp_path / "checkpoints"
     save_checkpoint(checkpoints / "last.pt", {"step": 10})
     save_checkpoint(checkpoints / "best.pt", {"step": 8})  # written later, so the newer file
-    assert load_checkpoint(tmp_path)["step"] == 10
+    assert load_checkpoint(tmp_path, require=("step",))["step"] == 10
     save_checkpoint(checkpoints / "best.pt", {"step": 12})
-    assert load_checkpoint(tmp_path)["step"] == 12
+    assert load_checkpoint(tmp_path, require=("step",))["step"] == 12
 
 
 def test_a_torn_metrics_line_is_skipped(tmp_path: Path) -> None:
@@ -253,34 +249,6 @@ def test_two_runs_never_share_a_directory(data_dir: Path, tmp_path: Path) -> Non
     runs = list(tmp_path.glob("*/*/train.log"))
     assert len(runs) == 2
     assert all(len(r.parent.name) == len("HH-MM-SS-ffffff") for r in runs)
-
-
-def test_kill_9_never_leaves_a_truncated_checkpoint(data_dir: Path, tmp_path: Path) -> None:
-    """SIGKILL at random instants of a run that checkpoints every step: last.pt always loads."""
-    rng = random.Random(0)
-    run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(REPO / "scripts" / "train.py"),
-        *DEBUG_RUN,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
-        "train.max_iters=100000",
-        "train.eval_interval=1",
-        "train.eval_iters=1",
-    ]
-    for _ in range(5):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        last = run_dir / "checkpoints" / "last.pt"
-        deadline = time.monotonic() + 60
-        while not last.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        ckpt = torch.load(last, weights_only=True)
-        assert ckpt["step"] >= 1
-        last.unlink()
 
 
 def test_best_only_checkpoints_without_always_save(train_run, tmp_path: Path) -> None:

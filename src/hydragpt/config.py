@@ -33,6 +33,9 @@ SAMPLING = ("random", "sequential")
 WANDB_MODES = ("online", "offline", "disabled")
 SAMPLE_FORMATS = ("text", "jsonl")
 ACTIVATIONS = ("gelu", "gelu_tanh")
+# Signals that may stop training with a checkpoint (SIGKILL and SIGSTOP cannot be caught); those a
+# platform lacks (SIGUSR1 on Windows) are ignored there.
+STOPPABLE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
 @dataclass
@@ -155,11 +158,19 @@ class TrainLoopConfig:
     eval_iters: int
     log_interval: int
     always_save_checkpoint: bool
+    skip_nonfinite: int
+    stop_signals: list[str]
     eval_only: bool
     init_from: str
     crop_block_size: Optional[int]
     hellaswag_interval: Optional[int]
     hellaswag_examples: Optional[int]
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int
+    keep_every: Optional[int]
 
 
 @dataclass
@@ -179,6 +190,7 @@ class TrainConfig:
     logger: LoggerConfig
     paths: PathsConfig
     train: TrainLoopConfig
+    checkpoint: CheckpointConfig
     hellaswag: HellaswagConfig
     resume: Optional[str] = None
 
@@ -368,6 +380,9 @@ def validate_train(cfg: TrainConfig) -> None:
     examples = t.hellaswag_examples
     _require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
+    _require(t.skip_nonfinite >= 0, "train.skip_nonfinite must be >= 0", "use 0 to stop at the first nan/inf step")
+    validate_stop_signals(t.stop_signals)
+    validate_checkpoint(cfg.checkpoint, t.eval_interval)
     _choice(cfg.optim.name, OPTIMIZERS, "optim")
     _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")
     _require(
@@ -398,6 +413,25 @@ def validate_train(cfg: TrainConfig) -> None:
     _require(cfg.ddp.timeout >= 1, "ddp.timeout must be >= 1 second", "e.g. ddp.timeout=600")
     if cfg.logger.wandb is not None and cfg.logger.wandb.mode is not None:
         _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
+
+
+def validate_stop_signals(names: list[str]) -> None:
+    for name in names:
+        _require(
+            name in STOPPABLE_SIGNALS,
+            f"train.stop_signals: '{name}' is not a signal training can catch here",
+            f"use names from: {', '.join(STOPPABLE_SIGNALS)}",
+        )
+
+
+def validate_checkpoint(c: CheckpointConfig, eval_interval: int) -> None:
+    _require(c.keep_last >= 0, f"checkpoint.keep_last must be >= 0, got {c.keep_last}", "use 0 to keep none")
+    if c.keep_every is not None:
+        _require(
+            c.keep_every >= 1 and c.keep_every % eval_interval == 0,
+            f"checkpoint.keep_every={c.keep_every} is not a multiple of train.eval_interval={eval_interval}",
+            "checkpoints are written at evaluations: use a multiple of eval_interval, or null",
+        )
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
@@ -496,6 +530,9 @@ def bench_prepare_config(cfg: DictConfig) -> BenchPrepareConfig:
     _require(bool(typed.workers) and min(typed.workers) >= 1, "workers must list counts >= 1", "e.g. workers=[1,2]")
     _require(typed.repeats >= 1, "repeats must be >= 1", "e.g. repeats=2")
     _require(typed.task_mb >= 1, "task_mb must be >= 1", "e.g. 4")
+    validate_seed(typed.seed, "seed")
+    if typed.tokenizer != "char":
+        _choice(typed.tokenizer, ("char", *tiktoken_encodings()), "tokenizer")
     return typed
 
 
@@ -526,4 +563,6 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
 
 
 def export_config(cfg: DictConfig) -> ExportConfig:
-    return to_dataclass(cfg, ExportConfig)
+    typed = to_dataclass(cfg, ExportConfig)
+    _require(bool(typed.out.strip()), "out= is empty", "name the directory to export to, e.g. out=exported/")
+    return typed

@@ -90,7 +90,8 @@ def _file_system_error(ex: OSError) -> UserError:
     full disk. The user's to fix, so one line rather than a traceback."""
     where = f": {ex.filename}" if ex.filename else ""
     return UserError(
-        f"{ex.strerror or ex}{where}", "check paths.output_dir, paths.data_dir, permissions and free space"
+        f"{ex.strerror or ex}{where}",
+        "check that path (out=, paths.output_dir, paths.data_dir), its permissions and free space",
     )
 
 

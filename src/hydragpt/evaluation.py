@@ -207,6 +207,9 @@ def load_hellaswag(cfg: HellaswagConfig, env: distributed.DistEnv) -> list[dict[
 
 def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
     """The official jsonl (one example per line: ctx, endings, label, split_type), downloaded when absent."""
+    official = "give the official hellaswag_val.jsonl: ctx, 4 endings and a label per line"
+    if path.is_dir():
+        raise UserError(f"hellaswag.path={path} is a directory", official)
     if not path.is_file():
         log.info("downloading %s to %s", url, path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,16 +222,17 @@ def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
                 f"place the official hellaswag_val.jsonl at {path} (or point hellaswag.path at it)",
             ) from ex
         tmp.replace(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as ex:
+        raise UserError(f"{path} is not UTF-8 text", official) from ex
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
             example = json.loads(line)
             assert isinstance(example["ctx"], str) and len(example["endings"]) == 4 and 0 <= int(example["label"]) < 4
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as ex:
-            raise UserError(
-                f"{path}:{number} is not a HellaSwag example ({type(ex).__name__})",
-                "give the official hellaswag_val.jsonl: ctx, 4 endings and a label per line",
-            ) from ex
+            raise UserError(f"{path}:{number} is not a HellaSwag example ({type(ex).__name__})", official) from ex
         examples.append(example)
     if not examples:
         raise UserError(f"{path} holds no examples", "give the official hellaswag_val.jsonl")

@@ -4,25 +4,40 @@ the val loss curves of every job of a sweep side by side."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
+from types import ModuleType
 
 from hydragpt.errors import UserError
 from hydragpt.loggers import METRICS_FILE, read_metrics
 
 PLOT_FILE = Path("plots") / "metrics.png"
 SWEEP_PLOT_FILE = "val_loss.png"
+# The keys each kind of metrics.jsonl record must have to be drawn.
+TRAINING_KEYS = {"iter", "loss", "lr", "grad_norm", "tokens_per_sec"}
+EVALUATION_KEYS = {"iter", "train_loss", "val_loss"}
+
+
+def _pyplot() -> ModuleType:
+    """matplotlib, imported on first use: half a second that runs which never plot should not pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_run(run_dir: Path) -> Path:
     """Draw the run's curves into `<run_dir>/plots/metrics.png` and return that path."""
     records = read_metrics(run_dir)
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if r.keys() >= TRAINING_KEYS]
+    evals = [r for r in records if r.keys() >= EVALUATION_KEYS]
+    if not steps and not evals:
+        raise UserError(
+            f"{run_dir / METRICS_FILE} holds no training or evaluation records",
+            "plot a run that has logged at least one step",
+        )
 
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     loss_ax, lr_ax, norm_ax, speed_ax = axes.flat
     loss_ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], label="train (batch)", alpha=0.5)
@@ -58,6 +73,7 @@ def plot_sweep(sweep_dir: Path) -> Path:
     rows = sweep_rows(sweep_dir)
     if not rows:
         raise UserError(f"{sweep_dir} holds no finished sweep jobs", "give the multirun/<date>/<time> directory")
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 6))
     for row in rows:
         run_dir = sweep_dir / str(row["job"])

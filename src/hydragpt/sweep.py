@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from hydragpt.engine.distributed import launched_env
+from hydragpt.errors import UserError
 from hydragpt.loggers import METRICS_FILE, RESULT_FILE, read_metrics
 
 SWEPT_FILE = "swept_keys.json"  # at the sweep root: the keys its jobs vary
@@ -63,9 +64,12 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     results = []
     for path in sweep_dir.glob(f"*/{RESULT_FILE}"):
         try:
-            results.append((path.parent, json.loads(path.read_text())))
+            result = json.loads(path.read_text())
         except json.JSONDecodeError:  # being written right now by another job
             continue
+        if not (isinstance(result, dict) and isinstance(result.get("job"), int) and "overrides" in result):
+            raise UserError(f"{path} is not a sweep job's record", "give the root directory of a hydragpt sweep")
+        results.append((path.parent, result))
     rows = [job_row(run_dir, result) for run_dir, result in sorted(results, key=lambda item: item[1]["job"])]
     swept = _swept_keys(sweep_dir)
     for row in rows:

@@ -8,6 +8,7 @@ overrides that would change the model's shape or the dataset are refused.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hydragpt.config import train_config
 from hydragpt.engine import distributed
-from hydragpt.engine.checkpoint import load_checkpoint
+from hydragpt.engine.checkpoint import CHECKPOINT_DIR, RESUME_KEYS, load_checkpoint
+from hydragpt.engine.preemption import PREEMPTED_EXIT, StopSignals
+from hydragpt.engine.run_lock import RunLock
 from hydragpt.engine.trainer import Trainer
 from hydragpt.errors import UserError, exit_on_user_error
 
@@ -128,13 +131,31 @@ def train(cfg: DictConfig) -> float:
     """Train as `cfg` says; returns the best val loss (what a Hydra sweeper minimizes).
 
     Under torchrun every rank runs this; rank 0's run directory is the job's, and the others learn it.
+    Rank 0 holds the run directory's lock throughout. The stop signals are caught from start to exit: one
+    arriving while the job still sets up stops it after its first step, and a rank that has stopped is
+    never killed mid-save by torchrun tearing the job down; a run stopped by a signal exits with
+    PREEMPTED_EXIT once its checkpoint is saved.
     """
     hydra_cfg = HydraConfig.get()
+    lock = RunLock(Path(hydra_cfg.runtime.output_dir))
+    if distributed.launched_env().is_main:
+        lock.acquire()  # before anything reads or writes the run (a resumed one may be in use)
+    try:
+        with StopSignals(list(cfg.train.stop_signals)).installed() as stop:
+            trainer = _train(cfg, hydra_cfg, stop)
+    finally:
+        lock.release()
+    if trainer.stopped_by:
+        sys.exit(PREEMPTED_EXIT)
+    return trainer.best_val_loss
+
+
+def _train(cfg: DictConfig, hydra_cfg: DictConfig, stop: StopSignals) -> Trainer:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(run_config, dict)
     resume_from = None
     if cfg.resume:
-        resume_from = load_checkpoint(cfg.resume)
+        resume_from = load_checkpoint(cfg.resume, require=RESUME_KEYS)
         overrides = list(hydra_cfg.overrides.task)
         # keys this version added since the run was saved take today's defaults
         saved = OmegaConf.to_container(OmegaConf.merge(run_config, _upgrade(resume_from["config"])))
@@ -147,11 +168,12 @@ def train(cfg: DictConfig) -> float:
     try:
         run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
         choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
-        trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env)
+        trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env, stop=stop)
         if resume_from and env.is_main:  # only once the resumed config has proven valid
             _record_resume(run_dir, run_config, overrides)
             log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
-        return trainer.fit()
+        trainer.fit()
+        return trainer
     finally:
         if trainer is not None:  # also when a traceback keeps the trainer alive
             trainer.unwrap()
@@ -168,6 +190,17 @@ class ValidateConfigCallback(Callback):
         if not config.get("resume"):
             task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
             exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
+            if distributed.launched_env().is_main:
+                exit_on_user_error(lambda: _refuse_existing_run(Path(config.hydra.run.dir)))
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """A new run must not write over a finished or interrupted one (`hydra.run.dir=<old run>`)."""
+    if (run_dir / CHECKPOINT_DIR).is_dir() and any((run_dir / CHECKPOINT_DIR).glob("*.pt")):
+        raise UserError(
+            f"{run_dir} already holds a run with checkpoints",
+            f"continue it with resume={run_dir}, or give the new run another hydra.run.dir",
+        )
 
 
 def _group_choices(hydra_cfg: DictConfig) -> dict[str, str]:

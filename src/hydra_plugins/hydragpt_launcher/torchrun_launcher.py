@@ -84,6 +84,8 @@ class TorchrunLauncher(BasicLauncher):
             "hydra_plugins.hydragpt_launcher.agent",  # torchrun, minus its traceback
             "--standalone",
             f"--nproc-per-node={self.nproc_per_node}",
+            # forward SLURM's advance signals to the ranks too, rather than die of them (train.stop_signals)
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",
             *self.extra_args,
             str(self.script),
             *self.config_options,

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from hydragpt.errors import user_environment
+
 
 def _children(pid: int) -> list[int]:
     found = []
@@ -54,7 +56,8 @@ def run_measured(
     """Run `command`; returns (result, wall seconds, peak (PSS, RSS) bytes of its process tree)."""
     peak_pss = peak_rss = 0
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = user_environment()  # the child reports its own errors in one line, as a user would see them
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     done = threading.Event()
 
     def sample() -> None:

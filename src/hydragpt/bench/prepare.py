@@ -71,7 +71,8 @@ def bench_prepare(cfg: BenchPrepareConfig) -> str:
             ]
             result, seconds, (pss, rss) = run_measured(command)
             if result.returncode != 0:
-                raise UserError(f"prepare failed: {result.stderr.strip().splitlines()[-1]}", "see the message")
+                last_line = result.stderr.strip().splitlines()[-1].removeprefix("error: ")
+                raise UserError(f"data preparation failed: {last_line}", "fix that setting of the benchmark")
             meta = json.loads((work / name / "meta.json").read_text())
             tokens = sum(meta["tokens"].values())
             rows.append((round_, workers, seconds, corpus_bytes / 1e6 / seconds, tokens / seconds, pss, rss))

@@ -64,11 +64,35 @@ def read_meta(dataset_dir: Path) -> DatasetMeta:
 
 
 class SplitTokens:
-    """One split's shards seen as a single token array: windows may cross from one shard into the next."""
+    """One split's shards seen as a single token array: windows may cross from one shard into the next.
 
-    def __init__(self, shards: list[np.ndarray]) -> None:
-        self.shards = [s for s in shards if len(s)]
+    `files` are the shards' paths, when they come from disk: every read first checks that the file it
+    reads is still the one mapped at the start, since reading a memory-mapped file that was cut short
+    kills the process with a bus error, and one deleted or replaced under a run would quietly feed it
+    stale or different tokens.
+    """
+
+    def __init__(self, shards: list[np.ndarray], files: list[Path] | None = None) -> None:
+        kept = [i for i, shard in enumerate(shards) if len(shard)]
+        self.shards = [shards[i] for i in kept]
+        self.files = [files[i] for i in kept] if files is not None else []
+        self._identities = [_identity(path) for path in self.files]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard, then the end
+
+    def _verify(self, shard: int) -> None:
+        if not self.files:
+            return
+        path = self.files[shard]
+        fix = "put the dataset back as it was (or re-prepare it), then continue with resume=<run dir>"
+        try:
+            inode, size = _identity(path)
+        except FileNotFoundError:
+            raise UserError(f"{path} disappeared during training", fix) from None
+        expected_inode, expected_size = self._identities[shard]
+        if size != expected_size:
+            raise UserError(f"{path} changed size during training ({expected_size:,} -> {size:,} bytes)", fix)
+        if inode != expected_inode:
+            raise UserError(f"{path} was replaced by another file during training", fix)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -78,6 +102,7 @@ class SplitTokens:
         pieces = []
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
+            self._verify(shard)
             local = start - int(self.starts[shard])
             piece = self.shards[shard][local : local + length]
             pieces.append(piece)
@@ -90,6 +115,7 @@ class SplitTokens:
         shard_of = np.searchsorted(self.starts, starts, side="right") - 1
         offsets = np.arange(length)
         for shard in np.unique(shard_of):
+            self._verify(int(shard))
             rows = np.flatnonzero(shard_of == shard)
             local = starts[rows] - self.starts[shard]
             inside = local + length <= len(self.shards[shard])
@@ -97,6 +123,12 @@ class SplitTokens:
             for row in rows[~inside]:
                 out[row] = self.read(int(starts[row]), length)
         return out
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """What tells a file apart from its replacement: (inode, size in bytes)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size
 
 
 def _allow_open_files(n_shards: int) -> None:
@@ -137,12 +169,12 @@ class TokenDataset:
                 redo,
             )
         _allow_open_files(sum(len(shards) for shards in self.meta.shards.values()))
-        self.splits = {
-            split: SplitTokens(
-                [open_shard(dataset_dir / s["file"], dtype, s["tokens"]) for s in self.meta.shards.get(split, [])]
-            )
-            for split in SPLITS
-        }
+        self.splits: dict[str, SplitTokens] = {}
+        for split in SPLITS:
+            shards = self.meta.shards.get(split, [])
+            files = [dataset_dir / shard["file"] for shard in shards]
+            tokens = [open_shard(path, dtype, shard["tokens"]) for path, shard in zip(files, shards, strict=True)]
+            self.splits[split] = SplitTokens(tokens, files)
         for split, tokens in self.splits.items():
             head = tokens.shards[0][:4096] if tokens.shards else np.empty(0, dtype)
             if len(head) and int(head.max()) >= self.meta.vocab_size:

@@ -4,12 +4,15 @@ A checkpoint holds everything needed to sample (weights, model config, tokenizer
 resume exactly (run config, optimizer, scheduler, grad scaler, step, tokens seen, best val loss, RNG
 states, data loader position). It is written to a temporary file, fsync'ed and renamed over the old one,
 so a crash at any instant leaves either the previous or the new checkpoint, never a truncated file.
+Retention (`checkpoint.keep_last`, `checkpoint.keep_every`) adds step_<N>.pt hard links beside last.pt.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,12 @@ from hydragpt.errors import UserError
 FORMAT = "hydragpt-checkpoint"
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
+# What a checkpoint needs to sample, evaluate or start a new run from; and, beyond that, to be resumed.
+MODEL_KEYS = ("model", "model_config", "tokenizer", "step")
+RESUME_KEYS = (
+    *MODEL_KEYS,
+    *("config", "config_choices", "optimizer", "scheduler", "scaler", "tokens_seen", "best_val_loss", "rng", "loader"),
+)
 # Keys that wrappers add to parameter names: torch.compile and DistributedDataParallel.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -65,18 +74,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically: temp file in the same directory, fsync, rename, fsync dir."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as ex:  # typically a full disk: the previous checkpoint is untouched
-        raise UserError(
-            f"could not write checkpoint {path}: {ex.strerror or ex}",
-            "free disk space or move paths.output_dir; the previous checkpoint is intact",
-        ) from ex
+        with _disk_errors(path):
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -84,18 +89,69 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def link_checkpoint(src: Path, dst: Path) -> None:
     """Make `dst` the same checkpoint as `src` without writing it twice (a hard link, atomically)."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = _temporary(dst)
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(1 << 24):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-    os.replace(tmp, dst)
+        with _disk_errors(dst):
+            try:
+                os.link(src, tmp)
+            except OSError:  # file systems without hard links
+                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    while chunk := fin.read(1 << 24):
+                        fout.write(chunk)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+            os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(dst.parent)
+
+
+def keep_step_checkpoint(saved: Path, step: int, keep_last: int, keep_every: int | None) -> None:
+    """Retention: the checkpoint just `saved` also becomes step_<step>.pt when `keep_last` is set or
+    `keep_every` divides the step; of the step checkpoints, the newest `keep_last` and those `keep_every`
+    divides stay, the others go."""
+
+    def permanent(n: int) -> bool:
+        return keep_every is not None and n % keep_every == 0
+
+    if keep_last == 0 and not permanent(step):
+        return
+    link_checkpoint(saved, saved.parent / f"step_{step}.pt")
+    for n in step_checkpoints(saved.parent)[: -keep_last or None]:  # all but the newest keep_last
+        if not permanent(n):
+            (saved.parent / f"step_{n}.pt").unlink()
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[int]:
+    """The steps of the step_<N>.pt files in `ckpt_dir`, in increasing order."""
+    steps = (p.stem.removeprefix("step_") for p in ckpt_dir.glob("step_*.pt"))
+    return sorted(int(n) for n in steps if n.isdigit())
+
+
+def remove_partial_writes(ckpt_dir: Path) -> int:
+    """Delete the temporary files of saves a killed process never finished; returns how many. Only safe
+    while holding the run's lock (no other process may be writing one right now)."""
+    leftovers = list(ckpt_dir.glob(".*.tmp-*")) if ckpt_dir.is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write (typically a full disk) into a user error; the previous file is untouched."""
+    try:
+        yield
+    except OSError as ex:
+        raise UserError(
+            f"could not write checkpoint {path}: {ex.strerror or ex}",
+            "free disk space or move paths.output_dir; the previous checkpoint is intact",
+        ) from ex
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -122,11 +178,17 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def _saved_step(path: Path) -> int:
     """The step a checkpoint was saved at, read without loading its tensors into memory."""
-    return load_checkpoint(path, mmap=True)["step"]
+    return load_checkpoint(path, mmap=True, require=("step",))["step"]
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Load and sanity-check a checkpoint; a missing, foreign or corrupt file is a `UserError`."""
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    mmap: bool = False,
+    require: tuple[str, ...] = MODEL_KEYS,
+) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint that holds the `require`d keys; a missing, foreign, corrupt or
+    incomplete file is a `UserError`."""
     p = resolve_checkpoint_path(path)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
@@ -141,4 +203,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise UserError(f"{p} is not a hydragpt checkpoint", "use checkpoints/last.pt or best.pt of a hydragpt run")
     if ckpt.get("version") != VERSION:
         raise UserError(f"{p} has checkpoint version {ckpt.get('version')}, expected {VERSION}", "upgrade hydragpt")
+    if missing := [key for key in require if key not in ckpt]:
+        raise UserError(
+            f"{p} is an incomplete hydragpt checkpoint (no {', '.join(missing)})",
+            "use checkpoints/last.pt or best.pt of a run",
+        )
     return ckpt

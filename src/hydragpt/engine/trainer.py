@@ -26,8 +26,10 @@ from hydragpt.data.loader import SequentialBatchLoader, build_train_loader, eval
 from hydragpt.engine.checkpoint import (
     CHECKPOINT_DIR,
     clean_state_dict,
+    keep_step_checkpoint,
     link_checkpoint,
     load_checkpoint,
+    remove_partial_writes,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -43,6 +45,7 @@ from hydragpt.engine.fsdp import (
 )
 from hydragpt.engine.metrics import mfu, peak_flops
 from hydragpt.engine.optim import build_optimizer, build_scheduler, lr_factor
+from hydragpt.engine.preemption import StopSignals
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype, seed_everything
 from hydragpt.errors import UserError
 from hydragpt.evaluation import hellaswag_scores, load_hellaswag
@@ -55,7 +58,13 @@ log = logging.getLogger("hydragpt.train")
 
 
 class TrainingDiverged(UserError):
-    """The loss stopped being a finite number; the last checkpoint on disk is from before it."""
+    """The loss or gradient norm stopped being a finite number; the last checkpoint on disk is from before."""
+
+
+DIVERGED_FIX = (
+    "lower optim.lr, raise lr.warmup_iters or set train.grad_clip, then resume=<run dir> from the last checkpoint,"
+    " which is from before this; train.skip_nonfinite=K skips up to K such steps"
+)
 
 
 class Trainer:
@@ -67,11 +76,13 @@ class Trainer:
         config_choices: dict[str, str],
         resume_from: dict[str, Any] | None = None,
         env: DistEnv | None = None,
+        stop: StopSignals | None = None,
     ) -> None:
         """`run_config` is the resolved config as plain data and `config_choices` the option picked in
         each config group (model: tiny_cpu, ...), both stored in every checkpoint; `resume_from` is a
         loaded checkpoint of this same run to continue from; `env` is this process's place in a
-        torchrun job (rank 0 of 1 by default)."""
+        torchrun job (rank 0 of 1 by default); `stop` is the caller's installed stop-signal handler, read
+        at every step (none by default)."""
         self.cfg = cfg
         self.env = env or DistEnv()
         self.run_dir = run_dir
@@ -124,6 +135,12 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0
         self.best_val_loss = math.inf
+        self.nonfinite_steps = 0  # steps skipped for a nan/inf loss or gradient norm (train.skip_nonfinite)
+        self.checkpointed_step: int | None = None  # the step of the newest checkpoint this process wrote
+        self.stop = stop or StopSignals([])
+        self.stop_agreed = False  # set by train_step when any rank caught a stop signal
+        self.step_skipped = False  # set by train_step when it left the weights alone (train.skip_nonfinite)
+        self.stopped_by: str | None = None  # why training stopped early, when it did
         self.run_id = secrets.token_hex(8)  # names this run in trackers (wandb's run id), kept on resume
         self.resumed = resume_from is not None
         if self.resumed:
@@ -219,6 +236,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "tokens_per_step": self.tokens_per_step,
             "best_val_loss": self.best_val_loss,
+            "nonfinite_steps": self.nonfinite_steps,
             "run_id": self.run_id,
             "rng": gather_objects(rng_state()),  # one per rank
             "loader": self.train_loader.state_dict(),
@@ -237,6 +255,7 @@ class Trainer:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)  # older checkpoints have none
         self.run_id = state.get("run_id", self.run_id)  # older checkpoints have none
         self.train_loader.load_state_dict(state["loader"])
         saved_tokens = state.get("tokens_per_step", self.tokens_per_step)
@@ -264,8 +283,14 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over `grad_accum` micro-batches: (mean loss, grad norm, lr used)."""
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over `grad_accum` micro-batches: (mean loss over ranks, grad norm, lr used).
+
+        Before the weights change, one all-reduce tells every rank the mean loss, whether any rank saw a
+        nan/inf loss or gradient norm, and whether any rank caught a stop signal: all ranks then step, skip
+        or stop together, and a diverged update never reaches the weights (nor, so, a checkpoint). It costs
+        one device sync per step.
+        """
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.grad_accum):
@@ -279,13 +304,39 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.grad_clip or math.inf  # 0 disables clipping; the norm is still measured
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
-        self.scaler.step(self.optimizer)
+        stopping = torch.tensor(float(self.stop.received is not None), device=self.device)
+        shared = all_reduce(torch.stack([loss_sum, grad_norm.to(self.device, torch.float32), stopping]), "sum")
+        loss_total, norm_total, stops = shared.tolist()
+        mean_loss, norm = loss_total / self.env.world_size, norm_total / self.env.world_size
+        self.stop_agreed = stops > 0
+        # float16's grad scaler expects an occasional inf gradient: it skips that step and lowers its scale
+        self.step_skipped = not (math.isfinite(mean_loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
+        if self.step_skipped:
+            self._skip_nonfinite("loss" if not math.isfinite(mean_loss) else "gradient norm", mean_loss, norm)
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return loss_sum, grad_norm, lr
+        return mean_loss, norm, lr
+
+    def _skip_nonfinite(self, what: str, loss: float, norm: float) -> None:
+        """Leave the weights as they are for this step, or stop the run when no more skips are allowed."""
+        value = loss if what == "loss" else norm
+        self.nonfinite_steps += 1
+        allowed = self.cfg.train.skip_nonfinite
+        if self.nonfinite_steps > allowed:
+            raise TrainingDiverged(f"{what} became {value} at iter {self.step}", DIVERGED_FIX)
+        log.warning(
+            "iter %d: %s became %s; step skipped (%d of train.skip_nonfinite=%d)",
+            self.step,
+            what,
+            value,
+            self.nonfinite_steps,
+            allowed,
+        )
 
     @contextlib.contextmanager
     def _gradient_sync(self, sync: bool) -> Iterator[None]:
@@ -332,10 +383,16 @@ class Trainer:
         return losses
 
     def fit(self) -> float:
-        """Train to the run's last step (or only evaluate, with `eval_only`); returns the best val loss."""
+        """Train to the run's last step (or only evaluate, with `eval_only`); returns the best val loss.
+
+        A stop signal ends training early at a step boundary, with a checkpoint; `stopped_by` says so.
+        """
         t = self.cfg.train
-        if self.resumed and self.env.is_main:
-            trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
+        if self.env.is_main:
+            if removed := remove_partial_writes(self.ckpt_dir):
+                log.info("removed %d unfinished checkpoint write(s) of an interrupted process", removed)
+            if self.resumed:
+                trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
         self.loggers: list[MetricsLogger] = []
         if self.env.is_main:
             run = run_info(
@@ -357,7 +414,7 @@ class Trainer:
             failed = False
         finally:
             close_loggers(self.loggers, failed)  # a tracker's run ends here, also when training fails
-        if not t.eval_only and self.cfg.logger.plot and self.env.is_main:
+        if not t.eval_only and self.cfg.logger.plot and self.env.is_main and self.stopped_by is None:
             log.info("plots: %s", plot_run(self.run_dir))
         return self.best_val_loss
 
@@ -369,22 +426,16 @@ class Trainer:
             loss, grad_norm, lr = self.train_step()
             window_steps += 1
             finished = self.step == self.max_iters
-            if (self.step - 1) % t.log_interval == 0 or finished:
-                loss_value = all_reduce(loss, "mean").item()  # waits for the device: only at log intervals
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"loss became {loss_value} at iter {self.step - 1}",
-                        "lower optim.lr, raise lr.warmup_iters or set train.grad_clip; resume from the last checkpoint",
-                    )
+            if ((self.step - 1) % t.log_interval == 0 or finished) and not self.step_skipped:  # warned instead
                 elapsed = time.perf_counter() - window_start
                 train_seconds += elapsed
                 tokens_per_sec = window_steps * self.tokens_per_step / elapsed
                 self._log(
                     {
                         "iter": self.step - 1,
-                        "loss": loss_value,
+                        "loss": loss,
                         "lr": lr,
-                        "grad_norm": grad_norm.item(),
+                        "grad_norm": grad_norm,
                         "tokens_per_sec": tokens_per_sec,
                         "mfu": mfu(self.flops_per_token, tokens_per_sec / self.env.world_size, self.peak_flops),
                         "tokens_seen": self.tokens_seen,
@@ -397,6 +448,9 @@ class Trainer:
                 train_seconds += time.perf_counter() - window_start
                 self._evaluate_and_checkpoint(save=True)
                 window_start, window_steps = time.perf_counter(), 0
+            if self.stop_agreed and not finished:
+                self._stop_with_checkpoint()
+                return
         steps = self.step - first_step
         if steps:
             log.info(
@@ -409,35 +463,51 @@ class Trainer:
                 self.ckpt_dir,
             )
 
+    def _stop_with_checkpoint(self) -> None:
+        """A stop signal reached some rank: save this step (unless its evaluation just did) and stop."""
+        self.stopped_by = self.stop.received or "a stop signal to another rank"
+        if self.checkpointed_step != self.step:
+            self._save(self.ckpt_dir / "last.pt", improved=False)
+        log.warning(
+            "stopped by %s after iter %d of %d; %s holds this step: continue with `python scripts/train.py resume=%s`",
+            self.stopped_by,
+            self.step - 1,
+            self.max_iters,
+            self.ckpt_dir / "last.pt",
+            self.run_dir,
+        )
+
     def _evaluate_and_checkpoint(self, save: bool) -> None:
         losses = self.evaluate()
         self._log({"iter": self.step, **losses, "time": time.perf_counter() - self.start_time})
         val_loss = losses["val_loss"]
         if not math.isfinite(val_loss):
-            raise TrainingDiverged(
-                f"val loss became {val_loss} at iter {self.step}",
-                "lower optim.lr or raise lr.warmup_iters; the last checkpoint on disk is from before this",
-            )
+            raise TrainingDiverged(f"val loss became {val_loss} at iter {self.step}", DIVERGED_FIX)
         improved = val_loss < self.best_val_loss
         if improved:
             self.best_val_loss = val_loss
         if not save:
             return
-        last, best = self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt"
-        save_last = self.cfg.train.always_save_checkpoint or self.step == self.max_iters
-        if not (save_last or improved):
-            return
-        state = self.state_dict()  # on every rank: it gathers their RNG states
+        if self.cfg.train.always_save_checkpoint or self.step == self.max_iters:
+            self._save(self.ckpt_dir / "last.pt", improved)
+        elif improved:
+            self._save(self.ckpt_dir / "best.pt", improved=False)
+
+    def _save(self, path: Path, improved: bool) -> None:
+        """Write this step's checkpoint to `path` (also as best.pt when `improved`), with retention.
+
+        Called on every rank: gathering the state takes them all; rank 0 writes.
+        """
+        state = self.state_dict()
+        self.checkpointed_step = self.step
         if not self.env.is_main:
             return
-        if save_last:
-            save_checkpoint(last, state)
-            if improved:
-                link_checkpoint(last, best)
-            log.info("saved %s%s", last, " (also best.pt)" if improved else "")
-        else:
-            save_checkpoint(best, state)
-            log.info("saved %s", best)
+        save_checkpoint(path, state)
+        if improved:
+            link_checkpoint(path, self.ckpt_dir / "best.pt")
+        keep = self.cfg.checkpoint
+        keep_step_checkpoint(path, self.step, keep.keep_last, keep.keep_every)
+        log.info("saved %s%s", path, " (also best.pt)" if improved else "")
 
     def _log(self, record: dict[str, Any]) -> None:
         for logger in self.loggers:

@@ -163,8 +163,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash or a full disk
-            if line.strip("\x00 "):
-                log.warning("%s:%d is not valid JSON; skipped", path, number)
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            records.append(record)
+        elif line.strip("\x00 "):
+            log.warning("%s:%d is not a metrics record; skipped", path, number)
     return records
