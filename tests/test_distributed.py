@@ -206,6 +206,7 @@ def test_slurm_launcher_config_composes() -> None:
     assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 8  # one rank per GPU
 
 
+@pytest.mark.slow  # the mapping itself is test_slurm_tasks_become_ranks; this runs it end to end
 def test_submitit_tasks_train_like_torchrun_ranks(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hydragpt.config import bench_prepare_config, export_config
 from hydragpt.engine.checkpoint import RESUME_KEYS, load_checkpoint, save_checkpoint
 from hydragpt.errors import UserError
 from hydragpt.evaluation import read_hellaswag
 from hydragpt.plot import plot_run
+from hydragpt.sampling import next_token
 from hydragpt.sweep import sweep_rows
 from tests.conftest import DEBUG_RUN, REPO, compose_config, run_script
 
@@ -44,6 +46,7 @@ def train(data_dir: Path, tmp_path: Path, *overrides: str):
 def test_missing_dataset(tmp_path: Path) -> None:
     result = train(tmp_path / "nodata", tmp_path)
     assert_user_error(result, "dataset 'shakespeare_char' is not prepared", "scripts/prepare.py data=shakespeare_char")
+    assert not (tmp_path / "out").exists()  # found before Hydra made a run directory
 
 
 def test_empty_dataset(tmp_path: Path) -> None:
@@ -200,6 +203,24 @@ def test_unusable_hellaswag_files(tmp_path: Path) -> None:
     binary.write_bytes(bytes(range(128, 256)))
     with pytest.raises(UserError, match="is not UTF-8 text"):
         read_hellaswag(binary, "https://example.invalid/hellaswag.jsonl")
+
+
+def test_output_files_are_checked_before_the_work(trained_run: Path, tmp_path: Path) -> None:
+    for script in ("sample", "eval"):
+        result = run_script(script, f"ckpt={trained_run}", f"out={tmp_path}")
+        assert_user_error(result, f"out={tmp_path} is a directory")
+        assert "sampling from" not in result.stderr and "evaluating" not in result.stderr
+    (tmp_path / "file").write_text("")
+    result = run_script("sample", f"ckpt={trained_run}", f"out={tmp_path / 'file' / 'samples.txt'}")
+    assert_user_error(result, f"{tmp_path / 'file'} is not a writable directory")
+    nested = tmp_path / "new" / "dir" / "samples.txt"
+    result = run_script("sample", f"ckpt={trained_run}", f"out={nested}", "max_new_tokens=5", "num_samples=1")
+    assert result.returncode == 0 and nested.is_file(), result.stderr
+
+
+def test_a_tiny_temperature_is_greedy_not_nan() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 0.0]])
+    assert next_token(logits, 1e-45, None, None, None).flatten().tolist() == [1, 0]
 
 
 @pytest.mark.parametrize(

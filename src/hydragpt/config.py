@@ -8,7 +8,9 @@ plain dataclasses, or a `UserError` that names the bad value and how to fix it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -415,6 +417,20 @@ def validate_train(cfg: TrainConfig) -> None:
         _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
 
 
+def validate_output_file(out: str | None, key: str) -> None:
+    """Before any work: a file `out` names could be created (missing directories are made on writing)."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    _require(not path.is_dir(), f"{key}={out} is a directory", f"give a file name, e.g. {key}={path / 'result.txt'}")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    _require(
+        existing.is_dir() and os.access(existing, os.W_OK),
+        f"cannot write {key}={out}: {existing} is not a writable directory",
+        f"choose another {key}",
+    )
+
+
 def validate_stop_signals(names: list[str]) -> None:
     for name in names:
         _require(
@@ -504,6 +520,7 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
     validate_seed(typed.seed, "seed")
     _choice(typed.format, SAMPLE_FORMATS, "format")
     _require(all(typed.stop), "stop strings must not be empty", "e.g. stop=['\\n\\n']")
+    validate_output_file(typed.out, "out")
     return typed
 
 
@@ -559,6 +576,7 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
     _require(typed.show_examples >= 0, "show_examples must be >= 0", "e.g. show_examples=3")
     validate_device(typed.device, "device")
     _choice(typed.dtype, DTYPES, "dtype")
+    validate_output_file(typed.out, "out")
     return typed
 
 

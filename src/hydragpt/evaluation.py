@@ -37,6 +37,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score the checkpoint; prints the result as one JSON object (the last stdout line) and returns it."""
     env = distributed.setup(DDPConfig(name="ddp", backend="auto", timeout=600), cfg.device)
     try:
+        if cfg.out and env.is_main:  # now, not after the work: a path that cannot be made fails first
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         ckpt, name = load_source(cfg.ckpt, cfg.init_from, Path(cfg.paths.output_dir))
         device = resolve_device(cfg.device, env.local_rank if env.is_distributed else None)
         dtype = resolve_dtype(cfg.dtype, device)

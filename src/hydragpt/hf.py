@@ -41,12 +41,19 @@ def _transformers() -> Any:
     return transformers
 
 
+def quiet_hub_retries() -> None:
+    """huggingface_hub logs every retry of an unreachable Hub as a warning (a dozen lines offline); the
+    final failure is what the user needs, and it becomes one `error:` line."""
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
 def load_pretrained(name: str) -> dict[str, Any]:
     """A pretrained GPT-2 as the parts of a checkpoint a new run starts from (weights, shape, tokenizer)."""
     transformers = _transformers()
     source = name.removeprefix(HF_PREFIX)
     if name.startswith(HF_PREFIX) and not (Path(source) / "config.json").is_file():
         raise UserError(f"{source} is not a Hugging Face model directory (no config.json)", "give hf:<directory>")
+    quiet_hub_retries()
     try:
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(source)
     except (OSError, ValueError) as ex:

@@ -41,7 +41,8 @@ def next_token(
     from the temperature-scaled distribution restricted to the top_k tokens and the top_p mass."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # from the max down: a tiny temperature then gives -inf (never chosen), not an inf - inf = nan
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -256,6 +257,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     output = format_samples(prompt, completions, cfg.format)
     print(output, end="", flush=True)
     if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(output, encoding="utf-8")
         log.info("samples written to %s", cfg.out)
     return [prompt + c for c in completions]

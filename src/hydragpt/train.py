@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydragpt.config import train_config
+from hydragpt.data.dataset import read_meta
 from hydragpt.engine import distributed
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, RESUME_KEYS, load_checkpoint
 from hydragpt.engine.preemption import PREEMPTED_EXIT, StopSignals
@@ -181,7 +182,8 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig, stop: StopSignals) -> Trainer
 
 
 class ValidateConfigCallback(Callback):
-    """Checks the config before Hydra creates the run directory, so a typo leaves no empty run behind.
+    """Checks the config (and that its dataset is prepared, and that the run directory is not an old run's)
+    before Hydra creates the run directory, so a typo leaves no empty run behind.
 
     Registered in conf/hydra/default.yaml. A resumed run is checked later, against its saved config.
     """
@@ -190,6 +192,7 @@ class ValidateConfigCallback(Callback):
         if not config.get("resume"):
             task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
             exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
+            exit_on_user_error(lambda: read_meta(Path(config.paths.data_dir) / config.data.name))  # prepared?
             if distributed.launched_env().is_main:
                 exit_on_user_error(lambda: _refuse_existing_run(Path(config.hydra.run.dir)))
 

@@ -255,6 +255,10 @@ def _hf_source(data: DataConfig) -> Source:
     """A Hugging Face dataset, loaded (downloaded once into HF's cache) or streamed, one document per row."""
     import datasets
 
+    from hydragpt.hf import quiet_hub_retries
+
+    quiet_hub_retries()
+
     name = data.source.removeprefix(HF_PREFIX)
     label = name + (f" ({data.hf_name})" if data.hf_name else "")
     try:
