@@ -6,6 +6,7 @@ slows a run down or poisons it so that a test can hit a chosen instant (see its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -171,8 +172,41 @@ def test_a_second_signal_exits_at_once(data_dir: Path, tmp_path: Path) -> None:
     assert proc.poll() is None
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=10) == -signal.SIGINT
+    assert proc.wait(timeout=10) == 128 + signal.SIGINT  # as the shell reports a process killed by it
     assert time.monotonic() - sent < 5
+
+
+def test_a_second_signal_ends_a_rank_blocked_in_a_collective(data_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 waits in gloo for a stalled rank 1, where Python runs no signal handler: the second SIGTERM
+    still ends it at once (the signals are watched from a thread)."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cmd = command(data_dir, tmp_path / "run", "ddp.timeout=300", nproc=2)
+    torchrun = start(cmd, hooked(STALL_RANK1_AT=5, PID_DIR=pids))
+    try:
+        wait_for(lambda: logged_iters(tmp_path / "run") >= 5)
+        rank0 = int((pids / "rank0.pid").read_text())
+        time.sleep(1)  # rank 0 is now inside the step's all-reduce
+        os.kill(rank0, signal.SIGTERM)
+        time.sleep(1.5)
+        assert Path(f"/proc/{rank0}").exists()  # the first signal waits for the step to end
+        os.kill(rank0, signal.SIGTERM)
+        sent = time.monotonic()
+        wait_for(lambda: not Path(f"/proc/{rank0}").exists() or "Z" in _state(rank0), timeout=10)
+        assert time.monotonic() - sent < 5
+    finally:
+        for pid in (torchrun.pid, *(int(p.read_text()) for p in pids.glob("*.pid"))):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        torchrun.wait()
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (Z: exited, not yet reaped by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"
 
 
 def test_a_poisoned_batch_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir: Path, tmp_path: Path) -> None:
@@ -259,7 +293,7 @@ def test_a_shard_cut_short_mid_run_is_named(data_dir: Path, tmp_path: Path) -> N
     cmd = command(data, tmp_path / "run")
     result = subprocess.run(cmd, capture_output=True, text=True, env=hooked(TRUNCATE_AT=f"7:{shard}"))
     assert result.returncode == 2
-    changed = rf"error: {shard} changed size during training \([\d,]+ -> [\d,]+ bytes\) \(.+\)\n"
+    changed = rf"error: {shard} changed size while in use \([\d,]+ -> [\d,]+ bytes\) \(.+\)\n"
     assert re.fullmatch(changed, result.stderr), result.stderr
 
 
@@ -273,10 +307,10 @@ def test_shards_that_disappear_or_are_replaced_are_named(data_dir: Path, tmp_pat
     replacement = tmp_path / "copy.bin"
     shutil.copy(shard, replacement)
     os.replace(replacement, shard)
-    with pytest.raises(UserError, match=f"{shard} was replaced by another file during training"):
+    with pytest.raises(UserError, match=f"{shard} was replaced by another file while in use"):
         val.read(0, 10)
     shard.unlink()
-    with pytest.raises(UserError, match=f"{shard} disappeared during training"):
+    with pytest.raises(UserError, match=f"{shard} disappeared while in use"):
         val.windows(torch.arange(3).numpy(), 8)
 
 

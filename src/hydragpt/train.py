@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hydragpt.config import train_config
 from hydragpt.data.dataset import read_meta
 from hydragpt.engine import distributed
-from hydragpt.engine.checkpoint import CHECKPOINT_DIR, RESUME_KEYS, load_checkpoint
+from hydragpt.engine.checkpoint import CHECKPOINT_DIR, RESUME_KEYS, load_checkpoint, remove_partial_writes
 from hydragpt.engine.preemption import PREEMPTED_EXIT, StopSignals
 from hydragpt.engine.run_lock import RunLock
 from hydragpt.engine.trainer import Trainer
@@ -132,18 +132,21 @@ def train(cfg: DictConfig) -> float:
     """Train as `cfg` says; returns the best val loss (what a Hydra sweeper minimizes).
 
     Under torchrun every rank runs this; rank 0's run directory is the job's, and the others learn it.
-    Rank 0 holds the run directory's lock throughout. The stop signals are caught from start to exit: one
-    arriving while the job still sets up stops it after its first step, and a rank that has stopped is
-    never killed mid-save by torchrun tearing the job down; a run stopped by a signal exits with
+    Rank 0 holds the run directory's lock throughout. A run stopped by a signal exits with
     PREEMPTED_EXIT once its checkpoint is saved.
     """
     hydra_cfg = HydraConfig.get()
-    lock = RunLock(Path(hydra_cfg.runtime.output_dir))
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    lock = RunLock(run_dir)
     if distributed.launched_env().is_main:
         lock.acquire()  # before anything reads or writes the run (a resumed one may be in use)
     try:
-        with StopSignals(list(cfg.train.stop_signals)).installed() as stop:
-            trainer = _train(cfg, hydra_cfg, stop)
+        if lock.held:
+            if not cfg.resume:  # checked before Hydra wrote anything too, unless HYDRA_FULL_ERROR skipped that
+                _refuse_existing_run(run_dir)
+            if removed := remove_partial_writes(run_dir / CHECKPOINT_DIR):
+                log.info("removed %d unfinished checkpoint write(s) of an interrupted process", removed)
+        trainer = _train(cfg, hydra_cfg)
     finally:
         lock.release()
     if trainer.stopped_by:
@@ -151,7 +154,7 @@ def train(cfg: DictConfig) -> float:
     return trainer.best_val_loss
 
 
-def _train(cfg: DictConfig, hydra_cfg: DictConfig, stop: StopSignals) -> Trainer:
+def _train(cfg: DictConfig, hydra_cfg: DictConfig) -> Trainer:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(run_config, dict)
     resume_from = None
@@ -163,22 +166,25 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig, stop: StopSignals) -> Trainer
         assert isinstance(saved, dict)
         run_config = apply_resume_overrides({**saved, "resume": cfg.resume}, resume_from["config_choices"], overrides)
     typed = train_config(run_config, distributed.launched_env().world_size)
-    env = distributed.setup(typed.ddp, typed.system.device)
-    distributed.quiet_other_ranks(env)
-    trainer = None
-    try:
-        run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
-        choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
-        trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env, stop=stop)
-        if resume_from and env.is_main:  # only once the resumed config has proven valid
-            _record_resume(run_dir, run_config, overrides)
-            log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
-        trainer.fit()
-        return trainer
-    finally:
-        if trainer is not None:  # also when a traceback keeps the trainer alive
-            trainer.unwrap()
-        distributed.shutdown()
+    # From here to the end the stop signals only raise a flag: one arriving while the job still sets up
+    # stops it after its first step
+    with StopSignals(typed.train.stop_signals).installed() as stop:
+        env = distributed.setup(typed.ddp, typed.system.device)
+        distributed.quiet_other_ranks(env)
+        trainer = None
+        try:
+            run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
+            choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
+            trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env, stop=stop)
+            if resume_from and env.is_main:  # only once the resumed config has proven valid
+                _record_resume(run_dir, run_config, overrides)
+                log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
+            trainer.fit()
+            return trainer
+        finally:
+            if trainer is not None:  # also when a traceback keeps the trainer alive
+                trainer.unwrap()
+            distributed.shutdown()
 
 
 class ValidateConfigCallback(Callback):

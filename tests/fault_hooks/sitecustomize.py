@@ -7,6 +7,7 @@ these patches without any test hook in hydragpt itself.
 - HYDRAGPT_TEST_STEP_SLEEP: seconds to sleep in every training step (so a test can catch a run mid-way).
 - HYDRAGPT_TEST_SLOW_FSYNC: seconds each fsync takes (so checkpoint writes are long enough to be hit).
 - HYDRAGPT_TEST_POISON_AT: add inf to the training loss at this step (a poisoned batch).
+- HYDRAGPT_TEST_STALL_RANK1_AT: rank 1 stops responding at this step (its peers block in a collective).
 - HYDRAGPT_TEST_TRUNCATE_AT=<step>:<file>: cut <file> in half when this step starts (a shard changing).
 - HYDRAGPT_TEST_DISK_FULL_AFTER: checkpoint writes after this many fail with ENOSPC half-way through.
 """
@@ -36,6 +37,8 @@ if any(key.startswith("HYDRAGPT_TEST_") for key in os.environ):
             path = Path(truncate.split(":", 1)[1])
             os.truncate(path, path.stat().st_size // 2)
         time.sleep(float(os.environ.get("HYDRAGPT_TEST_STEP_SLEEP", 0)))
+        if os.environ.get("RANK") == "1" and os.environ.get("HYDRAGPT_TEST_STALL_RANK1_AT") == str(self.step):
+            time.sleep(3600)  # rank 0 waits for it inside a collective, in native code
         return train_step(self)
 
     trainer.Trainer.train_step = patched_train_step

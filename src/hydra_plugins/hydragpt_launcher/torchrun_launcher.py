@@ -72,6 +72,7 @@ class TorchrunLauncher(BasicLauncher):
 
     def _run_job(self, cfg: DictConfig) -> Any:
         """Runs in place of the task function: the job's own torchrun, in the directory Hydra made for it."""
+        from hydragpt.engine.preemption import PREEMPTED_EXIT
         from hydragpt.errors import UserError, user_environment
         from hydragpt.sweep import best_val_loss, override_key
 
@@ -84,8 +85,6 @@ class TorchrunLauncher(BasicLauncher):
             "hydra_plugins.hydragpt_launcher.agent",  # torchrun, minus its traceback
             "--standalone",
             f"--nproc-per-node={self.nproc_per_node}",
-            # forward SLURM's advance signals to the ranks too, rather than die of them (train.stop_signals)
-            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",
             *self.extra_args,
             str(self.script),
             *self.config_options,
@@ -94,15 +93,24 @@ class TorchrunLauncher(BasicLauncher):
             f"hydra.run.dir={_quoted(job_dir)}",
             "hydra.output_subdir=null",  # .hydra/ is already written, with the sweep's view of the job
         ]
+        # torchrun (2.9 and later; older ones ignore it) forwards SLURM's advance signals to the ranks too,
+        # rather than die of them (they are in train.stop_signals)
+        signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+        environment = {**user_environment(), "TORCHELASTIC_SIGNALS_TO_HANDLE": signals}
         first_error = ""
         with subprocess.Popen(
-            command, stderr=subprocess.PIPE, text=True, bufsize=1, env=user_environment(), cwd=hydra_cfg.runtime.cwd
+            command, stderr=subprocess.PIPE, text=True, bufsize=1, env=environment, cwd=hydra_cfg.runtime.cwd
         ) as job:
             assert job.stderr is not None
             for line in job.stderr:  # passed through, and the ranks' error line kept for the summary
                 sys.stderr.write(line)
                 if line.startswith(ERROR_PREFIX) and not first_error:
                     first_error = line[len(ERROR_PREFIX) :].strip()
+        if job.returncode == PREEMPTED_EXIT:
+            raise UserError(
+                f"job {hydra_cfg.job.num} was stopped by a signal after saving a checkpoint",
+                f"continue it with `python scripts/train.py resume={job_dir}`",
+            )
         if job.returncode != 0:
             raise UserError(
                 f"job {hydra_cfg.job.num} failed: {first_error or f'torchrun exited with status {job.returncode}'}",

@@ -66,10 +66,10 @@ def read_meta(dataset_dir: Path) -> DatasetMeta:
 class SplitTokens:
     """One split's shards seen as a single token array: windows may cross from one shard into the next.
 
-    `files` are the shards' paths, when they come from disk: every read first checks that the file it
-    reads is still the one mapped at the start, since reading a memory-mapped file that was cut short
-    kills the process with a bus error, and one deleted or replaced under a run would quietly feed it
-    stale or different tokens.
+    `files` are the shards' paths, when they come from disk: every read first checks (one stat per shard
+    read) that the file is still the one mapped at the start, since reading a memory-mapped file that was
+    cut short kills the process with a bus error, and one deleted or replaced under a run would quietly
+    feed it stale or different tokens. A change between the check and the read itself still escapes it.
     """
 
     def __init__(self, shards: list[np.ndarray], files: list[Path] | None = None) -> None:
@@ -83,16 +83,16 @@ class SplitTokens:
         if not self.files:
             return
         path = self.files[shard]
-        fix = "put the dataset back as it was (or re-prepare it), then continue with resume=<run dir>"
+        fix = "put the dataset back as it was (or re-prepare it the same way); a training run continues with resume="
         try:
             inode, size = _identity(path)
         except FileNotFoundError:
-            raise UserError(f"{path} disappeared during training", fix) from None
+            raise UserError(f"{path} disappeared while in use", fix) from None
         expected_inode, expected_size = self._identities[shard]
         if size != expected_size:
-            raise UserError(f"{path} changed size during training ({expected_size:,} -> {size:,} bytes)", fix)
+            raise UserError(f"{path} changed size while in use ({expected_size:,} -> {size:,} bytes)", fix)
         if inode != expected_inode:
-            raise UserError(f"{path} was replaced by another file during training", fix)
+            raise UserError(f"{path} was replaced by another file while in use", fix)
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -309,7 +309,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     dataset_dir = Path(cfg.paths.data_dir) / d.name
     if not cfg.overwrite and _already_prepared(dataset_dir):
         log.info("%s is already prepared in %s (overwrite=true to redo it)", d.name, dataset_dir)
-        if (dataset_dir / STAGING_DIR).exists():
+        if any((dataset_dir / STAGING_DIR / record).exists() for record in (PROGRESS_FILE, PUBLISH_FILE)):
             log.warning(
                 "%s holds an interrupted overwrite=true preparation: run with overwrite=true to continue it, "
                 "or delete it",

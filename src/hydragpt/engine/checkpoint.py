@@ -144,14 +144,27 @@ def _temporary(path: Path) -> Path:
 
 @contextmanager
 def _disk_errors(path: Path) -> Iterator[None]:
-    """Turn a failed write (typically a full disk) into a user error; the previous file is untouched."""
+    """Turn a failed write (typically a full disk) into a user error; the previous file is untouched.
+
+    torch.save's zip writer often reports the file system's OSError as a RuntimeError ("unexpected pos"),
+    with the OSError as its context: that is the same failure.
+    """
     try:
         yield
-    except OSError as ex:
+    except (OSError, RuntimeError) as ex:
+        cause = _os_error_in(ex)
+        if cause is None:
+            raise
         raise UserError(
-            f"could not write checkpoint {path}: {ex.strerror or ex}",
+            f"could not write checkpoint {path}: {cause.strerror or cause}",
             "free disk space or move paths.output_dir; the previous checkpoint is intact",
         ) from ex
+
+
+def _os_error_in(ex: BaseException | None) -> OSError | None:
+    while ex is not None and not isinstance(ex, OSError):
+        ex = ex.__cause__ or ex.__context__
+    return ex
 
 
 def _fsync_dir(directory: Path) -> None:

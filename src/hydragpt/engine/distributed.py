@@ -151,6 +151,12 @@ def gather_objects(obj: Any) -> list[Any]:
     return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
     """Sum or mean of `tensor` over all ranks, in place (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():

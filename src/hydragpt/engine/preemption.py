@@ -4,14 +4,19 @@ Clusters warn before they take a job away: SLURM sends SIGTERM (or, with `--sign
 time ahead), a user presses Ctrl-C (SIGINT). While training runs, the signals in `train.stop_signals` only
 raise a flag; the trainer finishes the optimizer step it is in, agrees with the other ranks on stopping
 (see `Trainer.train_step`), saves `last.pt` and the process exits with `PREEMPTED_EXIT`. A second signal
-means "now": the process dies at once from it, as if no handler were installed. Checkpoints are written
+means "now": the process exits at once with status 128 + the signal's number. Checkpoints are written
 atomically, so even that leaves the previous one loadable.
+
+Python runs signal handlers only between bytecodes of the main thread, so a process blocked in native
+code (a collective waiting for a dead peer, a long kernel) would hear neither signal. The signals are
+therefore watched from a thread, through `signal.set_wakeup_fd`, which sees each one as it arrives.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,19 +41,42 @@ class StopSignals:
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
-        """Handle the signals inside the block; the previous handlers come back after it."""
-        previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
+        """Watch the signals inside the block; the previous handlers come back after it. Only the main
+        thread may install signal handlers: elsewhere this watches nothing."""
+        if not self.signals or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        previous = {sig: signal.signal(sig, _heard_by_the_watcher) for sig in self.signals}
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        watcher = threading.Thread(target=self._watch, args=(read_fd,), name="stop-signals", daemon=True)
+        watcher.start()
         try:
             yield self
         finally:
+            signal.set_wakeup_fd(previous_fd)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            os.close(write_fd)  # ends the watcher's read
+            watcher.join()
+            os.close(read_fd)
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        # Only flags here: logging or printing from a signal handler can re-enter an I/O call mid-write.
+    def _watch(self, read_fd: int) -> None:
+        wanted = {int(sig) for sig in self.signals}
+        while data := os.read(read_fd, 64):
+            for signum in data:  # one byte per signal, also for signals this class does not watch
+                if signum in wanted:
+                    self._heard(signum)
+
+    def _heard(self, signum: int) -> None:
         now = time.monotonic()
         if self.received is None:
             self.received, self._first_at = signal.Signals(signum).name, now
         elif now - self._first_at > REPEAT_WINDOW_S:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            os._exit(128 + signum)  # the shell's status for "killed by this signal"
+
+
+def _heard_by_the_watcher(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler does nothing: installing it keeps the default action (death) away, and
+    the watcher thread, woken through the wakeup fd, acts."""

@@ -31,6 +31,11 @@ class RunLock:
         self.path = run_dir / LOCK_FILE
         self._fd: int | None = None
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock (not when the platform or file system has no locks)."""
+        return self._fd is not None
+
     def acquire(self) -> RunLock:
         if os.name != "posix":  # flock is POSIX only
             return self
@@ -44,7 +49,8 @@ class RunLock:
             os.close(fd)
             raise UserError(
                 f"{self.path.parent} is in use: {holder} is training in it",
-                "wait for that run to end or stop it; two processes must never write one run directory",
+                "wait for that run to end or stop it; if no such process exists (a lock kept by a network file"
+                f" system after a node failure), delete {self.path}",
             ) from None
         except OSError as ex:
             os.close(fd)

@@ -29,12 +29,11 @@ from hydragpt.engine.checkpoint import (
     keep_step_checkpoint,
     link_checkpoint,
     load_checkpoint,
-    remove_partial_writes,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from hydragpt.engine.distributed import DistEnv, all_reduce, gather_objects
+from hydragpt.engine.distributed import DistEnv, all_reduce, barrier, gather_objects
 from hydragpt.engine.fsdp import (
     full_model_state,
     full_optimizer_state,
@@ -136,7 +135,7 @@ class Trainer:
         self.tokens_seen = 0
         self.best_val_loss = math.inf
         self.nonfinite_steps = 0  # steps skipped for a nan/inf loss or gradient norm (train.skip_nonfinite)
-        self.checkpointed_step: int | None = None  # the step of the newest checkpoint this process wrote
+        self.saved: tuple[int, Path] | None = None  # the step and file of the newest checkpoint written
         self.stop = stop or StopSignals([])
         self.stop_agreed = False  # set by train_step when any rank caught a stop signal
         self.step_skipped = False  # set by train_step when it left the weights alone (train.skip_nonfinite)
@@ -388,11 +387,8 @@ class Trainer:
         A stop signal ends training early at a step boundary, with a checkpoint; `stopped_by` says so.
         """
         t = self.cfg.train
-        if self.env.is_main:
-            if removed := remove_partial_writes(self.ckpt_dir):
-                log.info("removed %d unfinished checkpoint write(s) of an interrupted process", removed)
-            if self.resumed:
-                trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
+        if self.resumed and self.env.is_main:
+            trim_metrics(self.run_dir, self.step)  # what came after the checkpoint will be redone
         self.loggers: list[MetricsLogger] = []
         if self.env.is_main:
             run = run_info(
@@ -464,16 +460,22 @@ class Trainer:
             )
 
     def _stop_with_checkpoint(self) -> None:
-        """A stop signal reached some rank: save this step (unless its evaluation just did) and stop."""
+        """A stop signal reached some rank: save this step (unless its evaluation just did) and stop.
+
+        The barrier keeps every rank alive until rank 0's file is on disk: torchrun tears a job down, and
+        SIGKILLs what is left after its timeout, as soon as one worker exits.
+        """
         self.stopped_by = self.stop.received or "a stop signal to another rank"
-        if self.checkpointed_step != self.step:
+        if self.saved is None or self.saved[0] != self.step:
             self._save(self.ckpt_dir / "last.pt", improved=False)
+        barrier()
+        assert self.saved is not None
         log.warning(
             "stopped by %s after iter %d of %d; %s holds this step: continue with `python scripts/train.py resume=%s`",
             self.stopped_by,
             self.step - 1,
             self.max_iters,
-            self.ckpt_dir / "last.pt",
+            self.saved[1],
             self.run_dir,
         )
 
@@ -499,7 +501,7 @@ class Trainer:
         Called on every rank: gathering the state takes them all; rank 0 writes.
         """
         state = self.state_dict()
-        self.checkpointed_step = self.step
+        self.saved = (self.step, path)
         if not self.env.is_main:
             return
         save_checkpoint(path, state)
