@@ -83,7 +83,10 @@ class SplitTokens:
         if not self.files:
             return
         path = self.files[shard]
-        fix = "put the dataset back as it was (or re-prepare it the same way); a training run continues with resume="
+        fix = (
+            "put the dataset back as it was (or re-prepare it the same way) and run again;"
+            " resume=<run dir> continues a training run"
+        )
         try:
             inode, size = _identity(path)
         except FileNotFoundError:

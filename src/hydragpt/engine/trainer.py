@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -64,6 +64,14 @@ DIVERGED_FIX = (
     "lower optim.lr, raise lr.warmup_iters or set train.grad_clip, then resume=<run dir> from the last checkpoint,"
     " which is from before this; train.skip_nonfinite=K skips up to K such steps"
 )
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean over the micro-batches and the ranks
+    grad_norm: float  # before clipping
+    lr: float  # the learning rate the step used
+    skipped: bool  # nan/inf loss or gradient norm: the weights were left alone (train.skip_nonfinite)
+    stop: bool  # some rank caught a stop signal: every rank stops after this step
 
 
 class Trainer:
@@ -137,8 +145,6 @@ class Trainer:
         self.nonfinite_steps = 0  # steps skipped for a nan/inf loss or gradient norm (train.skip_nonfinite)
         self.saved: tuple[int, Path] | None = None  # the step and file of the newest checkpoint written
         self.stop = stop or StopSignals([])
-        self.stop_agreed = False  # set by train_step when any rank caught a stop signal
-        self.step_skipped = False  # set by train_step when it left the weights alone (train.skip_nonfinite)
         self.stopped_by: str | None = None  # why training stopped early, when it did
         self.run_id = secrets.token_hex(8)  # names this run in trackers (wandb's run id), kept on resume
         self.resumed = resume_from is not None
@@ -282,8 +288,8 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over `grad_accum` micro-batches: (mean loss over ranks, grad norm, lr used).
+    def train_step(self) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches.
 
         Before the weights change, one all-reduce tells every rank the mean loss, whether any rank saw a
         nan/inf loss or gradient norm, and whether any rank caught a stop signal: all ranks then step, skip
@@ -307,10 +313,9 @@ class Trainer:
         shared = all_reduce(torch.stack([loss_sum, grad_norm.to(self.device, torch.float32), stopping]), "sum")
         loss_total, norm_total, stops = shared.tolist()
         mean_loss, norm = loss_total / self.env.world_size, norm_total / self.env.world_size
-        self.stop_agreed = stops > 0
         # float16's grad scaler expects an occasional inf gradient: it skips that step and lowers its scale
-        self.step_skipped = not (math.isfinite(mean_loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
-        if self.step_skipped:
+        skipped = not (math.isfinite(mean_loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
+        if skipped:
             self._skip_nonfinite("loss" if not math.isfinite(mean_loss) else "gradient norm", mean_loss, norm)
         else:
             self.scaler.step(self.optimizer)
@@ -319,7 +324,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return mean_loss, norm, lr
+        return StepResult(mean_loss, norm, lr, skipped, stop=stops > 0)
 
     def _skip_nonfinite(self, what: str, loss: float, norm: float) -> None:
         """Leave the weights as they are for this step, or stop the run when no more skips are allowed."""
@@ -419,19 +424,19 @@ class Trainer:
         first_step = self.step
         window_start, window_steps, train_seconds = time.perf_counter(), 0, 0.0
         while self.step < self.max_iters:
-            loss, grad_norm, lr = self.train_step()
+            result = self.train_step()
             window_steps += 1
             finished = self.step == self.max_iters
-            if ((self.step - 1) % t.log_interval == 0 or finished) and not self.step_skipped:  # warned instead
+            if ((self.step - 1) % t.log_interval == 0 or finished) and not result.skipped:  # warned instead
                 elapsed = time.perf_counter() - window_start
                 train_seconds += elapsed
                 tokens_per_sec = window_steps * self.tokens_per_step / elapsed
                 self._log(
                     {
                         "iter": self.step - 1,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
+                        "loss": result.loss,
+                        "lr": result.lr,
+                        "grad_norm": result.grad_norm,
                         "tokens_per_sec": tokens_per_sec,
                         "mfu": mfu(self.flops_per_token, tokens_per_sec / self.env.world_size, self.peak_flops),
                         "tokens_seen": self.tokens_seen,
@@ -444,7 +449,7 @@ class Trainer:
                 train_seconds += time.perf_counter() - window_start
                 self._evaluate_and_checkpoint(save=True)
                 window_start, window_steps = time.perf_counter(), 0
-            if self.stop_agreed and not finished:
+            if result.stop and not finished:
                 self._stop_with_checkpoint()
                 return
         steps = self.step - first_step
