@@ -466,14 +466,18 @@ def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -
     return t.total_batch_size // per_micro_step
 
 
+def validate_tokenizer(name: str, key: str) -> None:
+    if name != "char":  # tiktoken's list of encodings is only looked up when needed
+        _choice(name, ("char", *tiktoken_encodings()), key)
+
+
 def validate_data(d: DataConfig) -> None:
     _require(
         bool(d.name) and "/" not in d.name and "\\" not in d.name and d.name not in (".", ".."),
         f"data.name '{d.name}' is not a plain directory name",
         "datasets live directly under paths.data_dir: use a name such as shakespeare_char",
     )
-    if d.tokenizer != "char":
-        _choice(d.tokenizer, ("char", *tiktoken_encodings()), "data.tokenizer")
+    validate_tokenizer(d.tokenizer, "data.tokenizer")
     _choice(d.val_split, VAL_SPLITS, "data.val_split")
     _choice(d.sampling, SAMPLING, "data.sampling")
     if d.val_split == "head":
@@ -548,8 +552,7 @@ def bench_prepare_config(cfg: DictConfig) -> BenchPrepareConfig:
     _require(typed.repeats >= 1, "repeats must be >= 1", "e.g. repeats=2")
     _require(typed.task_mb >= 1, "task_mb must be >= 1", "e.g. 4")
     validate_seed(typed.seed, "seed")
-    if typed.tokenizer != "char":
-        _choice(typed.tokenizer, ("char", *tiktoken_encodings()), "tokenizer")
+    validate_tokenizer(typed.tokenizer, "tokenizer")
     return typed
 
 

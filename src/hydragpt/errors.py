@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 USER_ERROR_EXIT = 2
+Failure = TypeVar("Failure", bound=BaseException)
 # Lines of Hydra/OmegaConf messages that only add noise to a one-line error.
 _HYDRA_NOISE = (
     "full_key:",
@@ -125,13 +126,11 @@ def _one_line(ex: BaseException) -> str:
     return f"{lines[0]} ({'; '.join(details)})"
 
 
-def _user_error_cause(ex: BaseException) -> UserError | None:
-    seen: BaseException | None = ex
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+def in_chain(ex: BaseException | None, kind: type[Failure]) -> Failure | None:
+    """The first exception of type `kind` in `ex`'s chain of causes and contexts, `ex` itself included."""
+    while ex is not None and not isinstance(ex, kind):
+        ex = ex.__cause__ or ex.__context__
+    return ex
 
 
 def _in_multirun() -> bool:
@@ -191,7 +190,7 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
     except UserError as ex:
         _exit_with(str(ex))
     except (HydraException, OmegaConfBaseException) as ex:  # before OSError: a missing config is an IOError too
-        cause = _user_error_cause(ex)  # e.g. raised by one of our resolvers while Hydra composed
+        cause = in_chain(ex, UserError)  # e.g. raised by one of our resolvers while Hydra composed
         _exit_with(str(cause) if cause else _one_line(ex))
     except OSError as ex:
         _exit_with(str(_file_system_error(ex)))

@@ -205,7 +205,7 @@ class ValidateConfigCallback(Callback):
 
 def _refuse_existing_run(run_dir: Path) -> None:
     """A new run must not write over a finished or interrupted one (`hydra.run.dir=<old run>`)."""
-    if (run_dir / CHECKPOINT_DIR).is_dir() and any((run_dir / CHECKPOINT_DIR).glob("*.pt")):
+    if any((run_dir / CHECKPOINT_DIR).glob("*.pt")):
         raise UserError(
             f"{run_dir} already holds a run with checkpoints",
             f"continue it with resume={run_dir}, or give the new run another hydra.run.dir",

@@ -72,6 +72,7 @@ class TorchrunLauncher(BasicLauncher):
 
     def _run_job(self, cfg: DictConfig) -> Any:
         """Runs in place of the task function: the job's own torchrun, in the directory Hydra made for it."""
+        from hydragpt.config import STOPPABLE_SIGNALS
         from hydragpt.engine.preemption import PREEMPTED_EXIT
         from hydragpt.errors import UserError, user_environment
         from hydragpt.sweep import best_val_loss, override_key
@@ -94,9 +95,8 @@ class TorchrunLauncher(BasicLauncher):
             "hydra.output_subdir=null",  # .hydra/ is already written, with the sweep's view of the job
         ]
         # torchrun (2.9 and later; older ones ignore it) forwards SLURM's advance signals to the ranks too,
-        # rather than die of them (they are in train.stop_signals)
-        signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
-        environment = {**user_environment(), "TORCHELASTIC_SIGNALS_TO_HANDLE": signals}
+        # rather than die of them (any that train.stop_signals may name)
+        environment = {**user_environment(), "TORCHELASTIC_SIGNALS_TO_HANDLE": ",".join(STOPPABLE_SIGNALS)}
         first_error = ""
         with subprocess.Popen(
             command, stderr=subprocess.PIPE, text=True, bufsize=1, env=environment, cwd=hydra_cfg.runtime.cwd

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hydragpt.errors import UserError
+from hydragpt.errors import UserError, in_chain
 
 FORMAT = "hydragpt-checkpoint"
 VERSION = 1
@@ -152,19 +152,13 @@ def _disk_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as ex:
-        cause = _os_error_in(ex)
+        cause = in_chain(ex, OSError)
         if cause is None:
             raise
         raise UserError(
             f"could not write checkpoint {path}: {cause.strerror or cause}",
             "free disk space or move paths.output_dir; the previous checkpoint is intact",
         ) from ex
-
-
-def _os_error_in(ex: BaseException | None) -> OSError | None:
-    while ex is not None and not isinstance(ex, OSError):
-        ex = ex.__cause__ or ex.__context__
-    return ex
 
 
 def _fsync_dir(directory: Path) -> None:
