@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from hydragpt.config import grad_accum_steps, prepare_config, sample_config, train_config
+from hydragpt.engine.optim import Muon
+from hydragpt.engine.schedule import Cosine, WarmupStableDecay
 from hydragpt.errors import UserError
+from hydragpt.loggers.csv_logger import Csv
 from hydragpt.model import GPT
-from tests.conftest import CONF_DIR, compose_config
+from tests.helpers import CONF_DIR, compose_config
 
 GROUPS = ["model", "data", "optim", "lr", "system", "ddp", "logger", "experiment", "paths", "hparams_search"]
 
@@ -59,7 +66,7 @@ def test_tiny_cpu_is_nanogpts_cpu_recipe() -> None:
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias, m.dropout) == (4, 4, 128, 64, False, 0.0)
     assert (t.batch_size, t.grad_accum_steps, t.max_iters, t.grad_clip) == (12, 1, 2000, 1.0)
     assert (o.lr, o.beta1, o.beta2, o.weight_decay) == (1e-3, 0.9, 0.99, 0.1)
-    assert (lr.name, lr.warmup_iters, lr.decay_iters, lr.min_lr) == ("cosine", 100, 2000, 1e-4)
+    assert isinstance(lr, Cosine) and (lr.warmup_iters, lr.decay_iters, lr.min_lr_ratio) == (100, 2000, 0.1)
     assert (t.eval_interval, t.eval_iters) == (250, 20)
     assert (cfg.system.device, cfg.system.dtype) == ("cpu", "float32")
 
@@ -95,13 +102,39 @@ def test_sample_and_prepare_configs_compose() -> None:
         ("system.dtype=int8", "unknown system.dtype 'int8'"),
         ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
         ("train.batch_size=0", "train.batch_size must be >= 1"),
-        ("lr.min_lr=1.0", "lr.min_lr=1.0 must be between 0 and optim.lr"),
-        ("model.n_layer=abc", "invalid config value at 'model.n_layer'"),
+        ("lr.min_lr_ratio=1.5", "lr.min_lr_ratio must be in [0, 1], got 1.5"),
+        ("ddp.timeout=0", "ddp.timeout must be >= 1 second"),
+        ("checkpoint.keep_every=7", "checkpoint.keep_every=7 is not a multiple of train.eval_interval=250"),
     ],
 )
 def test_invalid_values_fail_early(override: str, message: str) -> None:
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         train_config(compose_config("train", [override]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_layer=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("optim.momentum=0.9", "Key 'momentum' not in 'AdamW'"),
+        ("train.max_iter=10", "Key 'max_iter' not in 'TrainLoopConfig'"),
+        ("lr.decay_ratio=0.1", "Key 'decay_ratio' not in 'Cosine'"),
+    ],
+)
+def test_wrong_types_and_unknown_keys_are_refused_when_composing(override: str, message: str) -> None:
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config("train", [override])
+    assert message in str(caught.value.__cause__ or caught.value)
+
+
+def test_a_saved_config_is_typed_again_by_its_targets() -> None:
+    """A checkpoint holds its config as plain data: each option comes back as its class."""
+    plain = OmegaConf.to_container(compose_config("train", ["optim=muon", "lr=wsd", "logger=csv"]), resolve=True)
+    cfg = train_config(plain)
+    assert isinstance(cfg.optim, Muon) and isinstance(cfg.lr, WarmupStableDecay) and isinstance(cfg.logger["csv"], Csv)
+    plain["optim"]["_target_"] = "hydragpt.engine.optim.NoSuchOptimizer"
+    with pytest.raises(UserError, match=r"optim is not an option of a config group"):
+        train_config(plain)
 
 
 def test_total_batch_size_derives_accumulation() -> None:

@@ -14,7 +14,7 @@ from hydragpt.data.prepare import prepare
 from hydragpt.data.sources import safe_cut
 from hydragpt.data.tokenizer import CharTokenizer, TiktokenTokenizer, token_dtype, tokenizer_from_description
 from hydragpt.errors import UserError
-from tests.conftest import compose_config, prepare_dataset
+from tests.helpers import compose_config, prepare_dataset
 
 
 def prepare_text(tmp_path: Path, text: str, overwrite: bool = False) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import DEBUG_RUN, REPO, run_script, torchrun
+from tests.helpers import DEBUG_RUN, REPO, run_script, torchrun
 
 
 def losses(run_dir: Path) -> tuple[list[float], list[float]]:

@@ -18,7 +18,7 @@ from hydragpt.evaluation import read_hellaswag
 from hydragpt.plot import plot_run
 from hydragpt.sampling import next_token
 from hydragpt.sweep import sweep_rows
-from tests.conftest import DEBUG_RUN, REPO, compose_config, run_script
+from tests.helpers import DEBUG_RUN, REPO, compose_config, run_script
 
 
 def assert_user_error(result, *fragments: str) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.sampling import load_model
-from tests.conftest import run_script, torchrun
+from tests.helpers import run_script, torchrun
 
 # Official hellaswag_val.jsonl fields; texts use only characters of the Shakespeare char vocabulary.
 FIXTURE = [

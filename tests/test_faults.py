@@ -28,7 +28,7 @@ from hydragpt.engine.checkpoint import keep_step_checkpoint, load_checkpoint, sa
 from hydragpt.engine.preemption import PREEMPTED_EXIT
 from hydragpt.engine.run_lock import RunLock
 from hydragpt.errors import UserError
-from tests.conftest import DEBUG_RUN, REPO, compose_config, run_script
+from tests.helpers import DEBUG_RUN, REPO, compose_config, run_script
 
 HOOKS = Path(__file__).parent / "fault_hooks"
 MAX_ITERS = 60

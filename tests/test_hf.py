@@ -13,7 +13,7 @@ from hydragpt.config import GPTConfig
 from hydragpt.errors import UserError
 from hydragpt.hf import export, load_pretrained
 from hydragpt.model import GPT
-from tests.conftest import prepare_dataset, run_script
+from tests.helpers import prepare_dataset, run_script
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ import torch
 from hydragpt.data.dataset import SplitTokens, TokenDataset
 from hydragpt.data.loader import RandomBatchLoader, SequentialBatchLoader, evaluation_batches
 from hydragpt.errors import UserError
-from tests.conftest import prepare_dataset
+from tests.helpers import prepare_dataset
 
 CPU = torch.device("cpu")
 

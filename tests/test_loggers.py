@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hydragpt.loggers import read_metrics
-from tests.conftest import DEBUG_RUN, REPO, run_script
+from tests.helpers import DEBUG_RUN, REPO, run_script
 from tests.wandb_records import offline_runs
 
 

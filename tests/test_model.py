@@ -1,17 +1,19 @@
-"""The GPT model: shapes, initial loss, weight tying, init scale, cropping, weight-decay groups, MFU."""
+"""The GPT model: shapes, initial loss, weight tying, init scale, cropping, parameter roles, imports, MFU."""
 
 from __future__ import annotations
 
-import itertools
+import ast
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from hydragpt.config import GPTConfig, LRConfig, OptimConfig
+import hydragpt.model
 from hydragpt.engine.metrics import mfu, peak_flops
-from hydragpt.engine.optim import build_optimizer, lr_factor
-from hydragpt.model import GPT
+from hydragpt.model import GPT, GPTConfig
 
 CFG = GPTConfig(name="t", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0, bias=True)
 
@@ -77,30 +79,38 @@ def test_crop_block_size_keeps_the_first_positions() -> None:
         model.crop_block_size(9)
 
 
-def test_weight_decay_only_on_matrices() -> None:
+def test_parameter_groups_cover_every_parameter_once_by_role() -> None:
     model = GPT(CFG)
-    optim = build_optimizer(
-        model,
-        OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, fused=None),
-        torch.device("cpu"),
-    )
-    decay, no_decay = optim.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    total = sum(p.numel() for g in optim.param_groups for p in g["params"])
-    assert total == model.num_params(non_embedding=False)  # the tied matrix counted once
+    groups = model.parameter_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups["embeddings"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert all(p.dim() == 2 and names[id(p)].startswith("transformer.h.") for p in groups["matrices"])
+    assert len(groups["matrices"]) == 4 * CFG.n_layer  # c_attn, attn c_proj, c_fc, mlp c_proj
+    assert all(p.dim() == 1 for p in groups["vectors"])
+    total = sum(p.numel() for group in groups.values() for p in group)
+    assert total == model.num_params(non_embedding=False)  # the tied head counted once
 
 
-def test_learning_rate_schedule() -> None:
-    cosine = LRConfig(name="cosine", warmup_iters=10, decay_iters=110, min_lr=1e-4)
-    lr = [1e-3 * lr_factor(step, cosine, 1e-3) for step in range(130)]
-    assert lr[0] == pytest.approx(1e-3 / 11) and lr[9] == pytest.approx(1e-3 * 10 / 11)  # linear warmup
-    assert lr[10] == pytest.approx(1e-3)  # the peak right after warmup
-    assert lr[60] == pytest.approx((1e-3 + 1e-4) / 2)  # half way down the cosine
-    assert lr[110] == lr[129] == pytest.approx(1e-4)  # min_lr from decay_iters on
-    assert all(a >= b for a, b in itertools.pairwise(lr[10:]))
-    constant = LRConfig(name="constant", warmup_iters=0, decay_iters=110, min_lr=0.0)
-    assert lr_factor(0, constant, 1e-3) == lr_factor(500, constant, 1e-3) == 1.0
+def test_a_bad_shape_is_refused_with_its_fix() -> None:
+    with pytest.raises(ValueError) as caught:
+        GPTConfig(n_embd=30, n_head=4)
+    what, fix = caught.value.args
+    assert what == "model.n_embd=30 is not divisible by model.n_head=4" and "multiple of n_head" in fix
+
+
+def test_the_model_imports_only_torch() -> None:
+    source = ast.parse((Path(hydragpt.model.__file__)).read_text())
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(source) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(source) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported - sys.stdlib_module_names == {"torch"}
+    script = "import sys, hydragpt.model; print(sorted(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    loaded = set(ast.literal_eval(result.stdout))
+    assert not loaded & {"hydra", "omegaconf", "tiktoken", "yaml", "hydragpt.config", "hydragpt.data"}
 
 
 def test_flops_and_mfu() -> None:

@@ -15,7 +15,7 @@ import hydragpt.data.prepare as prepare_module
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.tokenizer import TiktokenTokenizer
 from hydragpt.errors import UserError
-from tests.conftest import prepare_dataset
+from tests.helpers import prepare_dataset
 
 EOT = 50256  # GPT-2's <|endoftext|>
 

@@ -25,7 +25,7 @@ from hydragpt.sampling import (
     next_token,
     window_start,
 )
-from tests.conftest import REPO, run_script
+from tests.helpers import REPO, run_script
 
 
 def samples(result) -> list[str]:

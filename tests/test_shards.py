@@ -12,7 +12,7 @@ import pytest
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.shards import HEADER, ShardWriter, open_shard, read_header
 from hydragpt.errors import UserError
-from tests.conftest import prepare_dataset, run_script
+from tests.helpers import prepare_dataset, run_script
 
 
 def test_writer_fills_fixed_size_shards_and_reader_maps_them(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DEBUG_RUN, run_script
+from tests.helpers import DEBUG_RUN, run_script
 
 
 def test_four_job_sweep_with_a_failing_job(data_dir: Path, tmp_path: Path) -> None:

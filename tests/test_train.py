@@ -16,7 +16,7 @@ from hydragpt.engine.checkpoint import clean_state_dict, load_checkpoint, save_c
 from hydragpt.errors import UserError
 from hydragpt.loggers import read_metrics as read_run_metrics
 from hydragpt.loggers import trim_metrics
-from tests.conftest import DEBUG_RUN, REPO
+from tests.helpers import DEBUG_RUN, REPO
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import prepare_dataset, train_debug
+from tests.helpers import prepare_dataset, train_debug
 
 
 def train_on(data_dir: Path, run_dir: Path, *overrides: str) -> list[dict]:

@@ -1,24 +1,33 @@
-"""Typed run configuration: the schema of conf/, converted and validated once, before any work.
+"""Typed configuration: every knob's type, default and one-line doc, in one place, checked when composed.
 
-conf/*.yaml holds every knob with its default and a comment; these dataclasses hold their types. Scripts
-hand Hydra's composed `DictConfig` to `train_config` / `sample_config` / `prepare_config` and get back
-plain dataclasses, or a `UserError` that names the bad value and how to fix it.
+The schemas here and the component options (`@option` classes in engine/optim.py, engine/schedule.py,
+engine/parallel.py and the loggers) are registered in Hydra's ConfigStore; conf/*.yaml extend them and set
+only the values they change. Composition itself refuses unknown keys and values of the wrong type; the
+conversion to dataclasses (`train_config`, ...) runs each class's own checks (`__post_init__`) and the
+cross-field ones below, and gives back plain objects, or a `UserError` that names the bad value and how
+to fix it. All of this happens before any run directory exists.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# The component options register their schemas when their modules are imported.
 from hydragpt.data.dataset import SPLITS
 from hydragpt.data.tokenizer import tiktoken_encodings
+from hydragpt.engine import optim, parallel, schedule  # noqa: F401
 from hydragpt.errors import UserError
+from hydragpt.loggers import csv_logger, tensorboard_logger, wandb_logger  # noqa: F401
+from hydragpt.model import GPTConfig
 
 # Optional[...] rather than `X | None` below: OmegaConf's structured configs read these annotations.
 # ruff: noqa: UP045
@@ -26,175 +35,220 @@ from hydragpt.errors import UserError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
-OPTIMIZERS = ("adamw",)
-LR_SCHEDULES = ("cosine", "constant")
 VAL_SPLITS = ("tail", "docs", "head")
-DDP_MODES = ("none", "ddp", "fsdp")
-DDP_BACKENDS = ("auto", "gloo", "nccl")
 SAMPLING = ("random", "sequential")
-WANDB_MODES = ("online", "offline", "disabled")
 SAMPLE_FORMATS = ("text", "jsonl")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+OPTION_GROUPS = ("optim", "lr", "ddp")  # groups whose options are classes (`_target_`), besides the logger's trackers
 # Signals that may stop training with a checkpoint (SIGKILL and SIGSTOP cannot be caught); those a
 # platform lacks (SIGUSR1 on Windows) are ignored there.
 STOPPABLE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
-@dataclass
-class GPTConfig:
-    """The model's shape. `vocab_size=None` means "take it from the dataset's tokenizer"."""
+def _require(ok: bool, what: str, fix: str) -> None:
+    if not ok:
+        raise UserError(what, fix)
 
-    name: str = "custom"
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: Optional[int] = None
-    dropout: float = 0.0
-    bias: bool = True
-    activation: str = "gelu"  # older checkpoints have no such key: they used exact GELU
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _require(value in allowed, f"unknown {key} '{value}'", f"use one of: {', '.join(allowed)}")
 
 
 @dataclass
 class DataConfig:
-    name: str
-    source: Optional[str]
-    hf_name: Optional[str]
-    hf_split: str
-    streaming: bool
-    text_field: str
-    tokenizer: str
-    val_split: str
-    val_fraction: Optional[float]
-    val_tokens: Optional[int]
-    split_seed: int
-    shard_tokens: int
-    sampling: str
+    """A dataset: where its text comes from, how it is tokenized and split, and how batches are drawn."""
 
+    name: str = "text"  # directory under paths.data_dir
+    source: Optional[str] = None  # .txt, .jsonl, .parquet; a directory or glob of them; a URL; hf:<dataset>
+    hf_name: Optional[str] = None  # Hugging Face config name (hf: sources only)
+    hf_split: str = "train"  # Hugging Face split to read (hf: sources only)
+    streaming: bool = False  # stream a Hugging Face dataset instead of downloading it first
+    text_field: str = "text"  # field holding the text in .jsonl/.parquet/Hugging Face rows
+    tokenizer: str = "gpt2"  # char, or a tiktoken encoding: gpt2, r50k_base, p50k_base, cl100k_base, o200k_base
+    val_split: str = "tail"  # tail: last val_fraction of the characters; docs: random documents; head: first val_tokens
+    val_fraction: Optional[float] = 0.1  # share held out for val (tail, docs)
+    val_tokens: Optional[int] = None  # tokens held out for val (head)
+    split_seed: int = 2357  # which documents go to val (docs)
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB of uint16)
+    sampling: str = "sequential"  # sequential: every window once per epoch; random: nanoGPT's random windows
 
-@dataclass
-class OptimConfig:
-    name: str
-    lr: float
-    weight_decay: float
-    beta1: float
-    beta2: float
-    eps: float
-    fused: Optional[bool]
-
-
-@dataclass
-class LRConfig:
-    name: str
-    warmup_iters: int
-    decay_iters: Optional[int]
-    min_lr: float
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and "/" not in self.name and "\\" not in self.name and self.name not in (".", ".."),
+            f"data.name '{self.name}' is not a plain directory name",
+            "datasets live directly under paths.data_dir: use a name such as shakespeare_char",
+        )
+        validate_tokenizer(self.tokenizer, "data.tokenizer")
+        _choice(self.val_split, VAL_SPLITS, "data.val_split")
+        _choice(self.sampling, SAMPLING, "data.sampling")
+        if self.val_split == "head":
+            _require(
+                self.val_tokens is not None and self.val_tokens >= 1,
+                f"data.val_split=head needs data.val_tokens >= 1, got {self.val_tokens}",
+                "e.g. data.val_tokens=100000000, the first shard",
+            )
+        else:
+            _require(
+                self.val_fraction is not None and 0 < self.val_fraction < 1,
+                f"data.val_split={self.val_split} needs data.val_fraction in (0, 1), got {self.val_fraction}",
+                "e.g. data.val_fraction=0.1",
+            )
+        _require(self.shard_tokens >= 1, "data.shard_tokens must be >= 1", "e.g. 100000000 (200 MB of uint16)")
+        validate_seed(self.split_seed, "data.split_seed")
 
 
 @dataclass
 class SystemConfig:
-    device: str
-    dtype: str
-    compile: bool
-    matmul_precision: str
-    seed: int
-    peak_flops: Optional[float]
+    """The device and numerics a run uses."""
 
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bfloat16 on GPUs that have it, float32 elsewhere), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model: faster steps on GPUs after a one-off compile
+    matmul_precision: str = "high"  # float32 matmuls: highest (exact fp32), high (TF32 on GPUs), medium (bf16)
+    seed: int = 1337  # seeds init, data order and dropout: same seed, same run
+    peak_flops: Optional[float] = None  # the device's peak FLOP/s for MFU; null looks it up in a table
 
-@dataclass
-class DDPConfig:
-    name: str
-    backend: str
-    timeout: int
-    reshard_after_forward: bool = True  # ddp=fsdp only (conf/ddp/fsdp.yaml)
-
-
-@dataclass
-class WandbConfig:
-    project: str
-    entity: Optional[str]
-    group: Optional[str]
-    name: Optional[str]
-    tags: list[str]
-    notes: Optional[str]
-    mode: Optional[str]
-    init_timeout: float
-
-
-@dataclass
-class TensorboardConfig:
-    dir: str
-
-
-@dataclass
-class CsvConfig:
-    file: str
-
-
-@dataclass
-class LoggerConfig:
-    """Console and metrics.jsonl are always on; each tracker runs when its section is present."""
-
-    plot: bool
-    wandb: Optional[WandbConfig] = None
-    tensorboard: Optional[TensorboardConfig] = None
-    csv: Optional[CsvConfig] = None
+    def __post_init__(self) -> None:
+        validate_device(self.device, "system.device")
+        _choice(self.dtype, DTYPES, "system.dtype")
+        _choice(self.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
+        validate_seed(self.seed, "system.seed")
 
 
 @dataclass
 class PathsConfig:
-    data_dir: str
-    output_dir: str
+    """Where things live; relative paths are relative to the directory you launch from."""
 
-
-@dataclass
-class TrainLoopConfig:
-    max_iters: int
-    max_tokens: Optional[int]
-    epochs: Optional[float]
-    batch_size: int
-    grad_accum_steps: Optional[int]
-    total_batch_size: Optional[int]
-    grad_clip: float
-    eval_interval: int
-    eval_iters: int
-    log_interval: int
-    always_save_checkpoint: bool
-    skip_nonfinite: int
-    stop_signals: list[str]
-    eval_only: bool
-    init_from: str
-    crop_block_size: Optional[int]
-    hellaswag_interval: Optional[int]
-    hellaswag_examples: Optional[int]
-
-
-@dataclass
-class CheckpointConfig:
-    keep_last: int
-    keep_every: Optional[int]
+    data_dir: str = "data"  # prepared datasets, one directory each (raw downloads are cached there too)
+    output_dir: str = "outputs"  # run directories (and multirun/ for sweeps)
 
 
 @dataclass
 class HellaswagConfig:
-    path: str
-    url: str
+    """HellaSwag's validation set (10,042 examples), for eval.py task=hellaswag and train.hellaswag_interval."""
+
+    path: str = "${paths.data_dir}/hellaswag/hellaswag_val.jsonl"  # the official file; downloaded here when absent
+    url: str = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"  # where from
+
+
+@dataclass
+class TrainLoopConfig:
+    """How long and how a run trains, evaluates and logs."""
+
+    max_iters: int = 2000  # optimizer steps to train for
+    max_tokens: Optional[int] = None  # or train for this many tokens: max_iters = ceil(max_tokens / tokens per step)
+    epochs: Optional[float] = None  # or for this many passes over the training split (data.sampling=sequential)
+    batch_size: int = 12  # sequences per micro-batch (per device); memory grows with it
+    grad_accum_steps: Optional[int] = 1  # micro-batches per optimizer step: a larger batch at the same memory
+    total_batch_size: Optional[int] = None  # tokens per optimizer step; when set it derives the accumulation
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables clipping)
+    eval_interval: int = 250  # evaluate train/val loss (and checkpoint) every this many steps
+    eval_iters: int = 20  # batches per split in each evaluation: more is steadier and slower
+    log_interval: int = (
+        10  # one progress line and metrics record every this many steps (the host reads the device only then)
+    )
+    always_save_checkpoint: bool = (
+        True  # write last.pt at every evaluation (false: only best.pt when val improves, and at the end)
+    )
+    skip_nonfinite: int = 0  # skip up to this many steps whose loss or gradient norm is nan/inf, then stop
+    stop_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"]
+    )  # stop within log_interval steps with a checkpoint, exit 75
+    eval_only: bool = False  # evaluate once and exit (with init_from to score a saved model)
+    init_from: str = "scratch"  # scratch, a checkpoint (or run directory), gpt2[-medium|-large|-xl] or hf:<dir>
+    crop_block_size: Optional[int] = None  # with init_from: shorten the checkpoint's context to this many tokens
+    hellaswag_interval: Optional[int] = None  # also score HellaSwag at evaluations whose step is a multiple of this
+    hellaswag_examples: Optional[int] = None  # score only the first this many HellaSwag examples (null: all 10,042)
+    plot: bool = True  # write plots/metrics.png at the end of training
+
+    def __post_init__(self) -> None:
+        _require(self.max_iters >= 0, "train.max_iters must be >= 0", "set a non-negative count")
+        _require(
+            self.max_tokens is None or self.epochs is None,
+            "train.max_tokens and train.epochs are both set",
+            "give the run's length one way: max_iters, max_tokens or epochs",
+        )
+        _require(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens must be >= 1", "or null")
+        _require(self.epochs is None or self.epochs > 0, "train.epochs must be > 0", "e.g. train.epochs=1, or null")
+        for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
+            value = getattr(self, key)
+            _require(value >= 1, f"train.{key} must be >= 1, got {value}", "set a positive count")
+        _require(
+            self.grad_accum_steps is not None or self.total_batch_size is not None,
+            "train.grad_accum_steps and train.total_batch_size are both null",
+            "set train.grad_accum_steps=1, or the tokens per step in train.total_batch_size",
+        )
+        if self.total_batch_size is not None:
+            _require(
+                self.total_batch_size >= 1, "train.total_batch_size must be >= 1", "or null to use grad_accum_steps"
+            )
+        elif self.grad_accum_steps is not None:
+            _require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
+        if self.crop_block_size is not None:
+            _require(self.crop_block_size >= 1, "train.crop_block_size must be >= 1", "or null to keep the block size")
+            _require(
+                self.init_from != "scratch", "train.crop_block_size only applies with train.init_from", "or set it null"
+            )
+        if self.hellaswag_interval is not None:
+            _require(
+                self.hellaswag_interval >= 1 and self.hellaswag_interval % self.eval_interval == 0,
+                f"train.hellaswag_interval={self.hellaswag_interval} is not a multiple of train.eval_interval"
+                f"={self.eval_interval}",
+                "HellaSwag is scored at evaluations: use a multiple of eval_interval, or null",
+            )
+        examples = self.hellaswag_examples
+        _require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
+        _require(self.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
+        _require(self.skip_nonfinite >= 0, "train.skip_nonfinite must be >= 0", "use 0 to stop at the first nan/inf")
+        for name in self.stop_signals:
+            _require(
+                name in STOPPABLE_SIGNALS,
+                f"train.stop_signals: '{name}' is not a signal training can catch here",
+                f"use names from: {', '.join(STOPPABLE_SIGNALS)}",
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    """Which checkpoints a run keeps besides last.pt and best.pt."""
+
+    keep_last: int = 0  # also keep the newest this many as checkpoints/step_<N>.pt (0: only last.pt and best.pt)
+    keep_every: Optional[int] = None  # and keep step_<N>.pt for good when N is a multiple of this (null: never)
+
+    def __post_init__(self) -> None:
+        _require(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0, got {self.keep_last}", "use 0 to keep none")
 
 
 @dataclass
 class TrainConfig:
-    model: GPTConfig
-    data: DataConfig
-    optim: OptimConfig
-    lr: LRConfig
-    system: SystemConfig
-    ddp: DDPConfig
-    logger: LoggerConfig
-    paths: PathsConfig
-    train: TrainLoopConfig
-    checkpoint: CheckpointConfig
-    hellaswag: HellaswagConfig
-    resume: Optional[str] = None
+    """scripts/train.py's config: the component groups (each option builds its part) and the loop's knobs."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: Any = MISSING  # an option of conf/optim/: builds the optimizers
+    lr: Any = MISSING  # an option of conf/lr/: the schedule's multiplier of each group's lr
+    system: SystemConfig = field(default_factory=SystemConfig)
+    ddp: Any = MISSING  # an option of conf/ddp/: how the model is spread over the ranks
+    logger: dict[str, Any] = field(default_factory=dict)  # trackers by name (conf/logger/), each builds a logger
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hellaswag: HellaswagConfig = field(default_factory=HellaswagConfig)
+    resume: Optional[str] = None  # a run directory to continue exactly where it stopped (its config + these overrides)
+
+    def __post_init__(self) -> None:
+        """Checks across groups (each group checked its own knobs already)."""
+        _require(
+            self.train.epochs is None or self.data.sampling == "sequential",
+            "train.epochs needs data.sampling=sequential (random windows have no epochs)",
+            "set data.sampling=sequential, or use train.max_iters / train.max_tokens",
+        )
+        keep_every, eval_interval = self.checkpoint.keep_every, self.train.eval_interval
+        if keep_every is not None:
+            _require(
+                keep_every >= 1 and keep_every % eval_interval == 0,
+                f"checkpoint.keep_every={keep_every} is not a multiple of train.eval_interval={eval_interval}",
+                "checkpoints are written at evaluations: use a multiple of eval_interval, or null",
+            )
 
 
 @dataclass
@@ -291,39 +345,27 @@ Schema = TypeVar("Schema")
 
 
 def to_dataclass(cfg: DictConfig | dict[str, Any], schema: type[Schema]) -> Schema:
-    """Check `cfg` against `schema` (unknown keys, wrong types, missing values) and convert it."""
+    """Check `cfg` against `schema` (unknown keys, wrong types, missing values), convert it, and run each
+    class's own checks; a check's `ValueError(what, fix)` (the model's, which imports only torch) is a
+    `UserError` like the others."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ValueError as ex:
+        if len(ex.args) != 2:
+            raise
+        raise UserError(*ex.args) from ex
     except OmegaConfBaseException as ex:
-        key = getattr(ex, "full_key", None) or "?"
-        reason = str(ex).splitlines()[0]
-        raise UserError(
-            f"invalid config value at '{key}': {reason}",
-            "check the key's spelling and type; `--cfg job` prints the composed config",
-        ) from ex
+        raise _invalid(ex) from ex
 
 
-def _require(ok: bool, what: str, fix: str) -> None:
-    if not ok:
-        raise UserError(what, fix)
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    _require(value in allowed, f"unknown {key} '{value}'", f"use one of: {', '.join(allowed)}")
-
-
-def validate_model(m: GPTConfig) -> None:
-    for key in ("n_layer", "n_head", "n_embd", "block_size"):
-        _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}", "set a positive size")
-    _require(
-        m.n_embd % m.n_head == 0,
-        f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}",
-        "choose n_embd as a multiple of n_head, e.g. n_embd=384 n_head=6",
+def _invalid(ex: OmegaConfBaseException) -> UserError:
+    key = getattr(ex, "full_key", None) or "?"
+    reason = str(ex).splitlines()[0]
+    return UserError(
+        f"invalid config value at '{key}': {reason}",
+        "check the key's spelling and type; `--cfg job` prints the composed config",
     )
-    _require(m.vocab_size is None or m.vocab_size >= 1, "model.vocab_size must be >= 1", "or null for the data's")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}", "e.g. 0.0 or 0.2")
-    _choice(m.activation, ACTIVATIONS, "model.activation")
 
 
 def validate_seed(seed: int, key: str) -> None:
@@ -340,83 +382,6 @@ def validate_device(device: str, key: str) -> None:
     )
 
 
-def validate_train(cfg: TrainConfig) -> None:
-    """All the cross-field checks that need no data or hardware; run once, before any work."""
-    validate_model(cfg.model)
-    t = cfg.train
-    _require(t.max_iters >= 0, "train.max_iters must be >= 0", "set a non-negative count")
-    _require(
-        t.max_tokens is None or t.epochs is None,
-        "train.max_tokens and train.epochs are both set",
-        "give the run's length one way: max_iters, max_tokens or epochs",
-    )
-    _require(t.max_tokens is None or t.max_tokens >= 1, "train.max_tokens must be >= 1", "or null")
-    _require(t.epochs is None or t.epochs > 0, "train.epochs must be > 0", "e.g. train.epochs=1, or null")
-    _require(
-        t.epochs is None or cfg.data.sampling == "sequential",
-        "train.epochs needs data.sampling=sequential (random windows have no epochs)",
-        "set data.sampling=sequential, or use train.max_iters / train.max_tokens",
-    )
-    for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
-        _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}", "set a positive count")
-    _require(
-        t.grad_accum_steps is not None or t.total_batch_size is not None,
-        "train.grad_accum_steps and train.total_batch_size are both null",
-        "set train.grad_accum_steps=1, or the tokens per step in train.total_batch_size",
-    )
-    if t.total_batch_size is not None:
-        _require(t.total_batch_size >= 1, "train.total_batch_size must be >= 1", "or null to use grad_accum_steps")
-    elif t.grad_accum_steps is not None:
-        _require(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
-    if t.crop_block_size is not None:
-        _require(t.crop_block_size >= 1, "train.crop_block_size must be >= 1", "or null to keep the block size")
-        _require(t.init_from != "scratch", "train.crop_block_size only applies with train.init_from", "or set it null")
-    validate_seed(cfg.system.seed, "system.seed")
-    if t.hellaswag_interval is not None:
-        _require(
-            t.hellaswag_interval >= 1 and t.hellaswag_interval % t.eval_interval == 0,
-            f"train.hellaswag_interval={t.hellaswag_interval} is not a multiple of train.eval_interval"
-            f"={t.eval_interval}",
-            "HellaSwag is scored at evaluations: use a multiple of eval_interval, or null",
-        )
-    examples = t.hellaswag_examples
-    _require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
-    _require(t.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
-    _require(t.skip_nonfinite >= 0, "train.skip_nonfinite must be >= 0", "use 0 to stop at the first nan/inf step")
-    validate_stop_signals(t.stop_signals)
-    validate_checkpoint(cfg.checkpoint, t.eval_interval)
-    _choice(cfg.optim.name, OPTIMIZERS, "optim")
-    _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}", "e.g. optim.lr=6e-4")
-    _require(
-        0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1,
-        "optim betas must be in [0, 1)",
-        "e.g. 0.9, 0.95",
-    )
-    _require(cfg.optim.eps > 0, f"optim.eps must be > 0, got {cfg.optim.eps}", "e.g. 1e-8")
-    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0", "e.g. 0.1, or 0 to disable")
-    _choice(cfg.lr.name, LR_SCHEDULES, "lr schedule")
-    _require(cfg.lr.warmup_iters >= 0, "lr.warmup_iters must be >= 0", "use 0 for no warmup")
-    _require(
-        0 <= cfg.lr.min_lr <= cfg.optim.lr,
-        f"lr.min_lr={cfg.lr.min_lr} must be between 0 and optim.lr={cfg.optim.lr}",
-        "usually optim.lr / 10",
-    )
-    _require(
-        cfg.lr.decay_iters is None or cfg.lr.decay_iters >= 0,
-        "lr.decay_iters must be >= 0",
-        "or null to decay until the run's last step",
-    )
-    validate_device(cfg.system.device, "system.device")
-    _choice(cfg.system.dtype, DTYPES, "system.dtype")
-    _choice(cfg.system.matmul_precision, MATMUL_PRECISIONS, "system.matmul_precision")
-    validate_data(cfg.data)
-    _choice(cfg.ddp.name, DDP_MODES, "ddp")
-    _choice(cfg.ddp.backend, DDP_BACKENDS, "ddp.backend")
-    _require(cfg.ddp.timeout >= 1, "ddp.timeout must be >= 1 second", "e.g. ddp.timeout=600")
-    if cfg.logger.wandb is not None and cfg.logger.wandb.mode is not None:
-        _choice(cfg.logger.wandb.mode, WANDB_MODES, "logger.wandb.mode")
-
-
 def validate_output_file(out: str | None, key: str) -> None:
     """Before any work: a file `out` names could be created (missing directories are made on writing)."""
     if not out:
@@ -429,25 +394,6 @@ def validate_output_file(out: str | None, key: str) -> None:
         f"cannot write {key}={out}: {existing} is not a writable directory",
         f"choose another {key}",
     )
-
-
-def validate_stop_signals(names: list[str]) -> None:
-    for name in names:
-        _require(
-            name in STOPPABLE_SIGNALS,
-            f"train.stop_signals: '{name}' is not a signal training can catch here",
-            f"use names from: {', '.join(STOPPABLE_SIGNALS)}",
-        )
-
-
-def validate_checkpoint(c: CheckpointConfig, eval_interval: int) -> None:
-    _require(c.keep_last >= 0, f"checkpoint.keep_last must be >= 0, got {c.keep_last}", "use 0 to keep none")
-    if c.keep_every is not None:
-        _require(
-            c.keep_every >= 1 and c.keep_every % eval_interval == 0,
-            f"checkpoint.keep_every={c.keep_every} is not a multiple of train.eval_interval={eval_interval}",
-            "checkpoints are written at evaluations: use a multiple of eval_interval, or null",
-        )
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
@@ -471,34 +417,33 @@ def validate_tokenizer(name: str, key: str) -> None:
         _choice(name, ("char", *tiktoken_encodings()), key)
 
 
-def validate_data(d: DataConfig) -> None:
-    _require(
-        bool(d.name) and "/" not in d.name and "\\" not in d.name and d.name not in (".", ".."),
-        f"data.name '{d.name}' is not a plain directory name",
-        "datasets live directly under paths.data_dir: use a name such as shakespeare_char",
-    )
-    validate_tokenizer(d.tokenizer, "data.tokenizer")
-    _choice(d.val_split, VAL_SPLITS, "data.val_split")
-    _choice(d.sampling, SAMPLING, "data.sampling")
-    if d.val_split == "head":
-        _require(
-            d.val_tokens is not None and d.val_tokens >= 1,
-            f"data.val_split=head needs data.val_tokens >= 1, got {d.val_tokens}",
-            "e.g. data.val_tokens=100000000, the first shard",
-        )
-    else:
-        _require(
-            d.val_fraction is not None and 0 < d.val_fraction < 1,
-            f"data.val_split={d.val_split} needs data.val_fraction in (0, 1), got {d.val_fraction}",
-            "e.g. data.val_fraction=0.1",
-        )
-    _require(d.shard_tokens >= 1, "data.shard_tokens must be >= 1", "e.g. 100000000 (200 MB of uint16)")
-    validate_seed(d.split_seed, "data.split_seed")
+def _typed_options(cfg: DictConfig) -> None:
+    """Each component option's node, typed by the class its `_target_` names (a saved config is plain data)."""
+    nodes = [(cfg, group) for group in OPTION_GROUPS] + [(cfg.logger, name) for name in cfg.logger]
+    for parent, key in nodes:
+        node = parent[key]
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        try:
+            schema = get_class(target) if isinstance(target, str) else None
+        except (ImportError, ValueError):
+            schema = None
+        if schema is None or not is_dataclass(schema):
+            where = f"{parent._get_full_key(None)}.{key}".lstrip(".")
+            raise UserError(
+                f"{where} is not an option of a config group (_target_={target})",
+                f"pick one of the options in conf/{where.split('.')[0]}/ ({where}=<option>)",
+            )
+        parent[key] = OmegaConf.merge(OmegaConf.structured(schema), node)
 
 
 def train_config(cfg: DictConfig | dict[str, Any], world_size: int = 1) -> TrainConfig:
-    typed = to_dataclass(cfg, TrainConfig)
-    validate_train(typed)
+    """The typed run config (each component option an instance of its class), checked throughout."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        _typed_options(merged)
+    except OmegaConfBaseException as ex:
+        raise _invalid(ex) from ex
+    typed = to_dataclass(merged, TrainConfig)
     if typed.train.init_from == "scratch":  # from a checkpoint, the block size is only known once loaded
         grad_accum_steps(typed.train, typed.model.block_size, world_size)
     return typed
@@ -530,7 +475,6 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
 
 def prepare_config(cfg: DictConfig) -> PrepareConfig:
     typed = to_dataclass(cfg, PrepareConfig)
-    validate_data(typed.data)
     _require(typed.workers is None or typed.workers >= 1, "workers must be >= 1", "or null for every core")
     _require(typed.task_mb >= 1, "task_mb must be >= 1", "e.g. 4")
     return typed
@@ -538,7 +482,6 @@ def prepare_config(cfg: DictConfig) -> PrepareConfig:
 
 def peek_config(cfg: DictConfig) -> PeekConfig:
     typed = to_dataclass(cfg, PeekConfig)
-    validate_data(typed.data)
     _choice(typed.split, ("train", "val"), "split")
     _require(typed.offset >= 0, "offset must be >= 0", "e.g. offset=0")
     _require(typed.n_tokens >= 1, "n_tokens must be >= 1", "e.g. n_tokens=200")
@@ -558,7 +501,6 @@ def bench_prepare_config(cfg: DictConfig) -> BenchPrepareConfig:
 
 def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
     typed = to_dataclass(cfg, BenchSampleConfig)
-    validate_model(typed.model)
     for key in ("vocab_size", "prompt_tokens", "max_new_tokens", "num_samples", "repeats"):
         _require(getattr(typed, key) >= 1, f"{key} must be >= 1, got {getattr(typed, key)}", "set a positive count")
     validate_device(typed.device, "device")
@@ -587,3 +529,15 @@ def export_config(cfg: DictConfig) -> ExportConfig:
     typed = to_dataclass(cfg, ExportConfig)
     _require(bool(typed.out.strip()), "out= is empty", "name the directory to export to, e.g. out=exported/")
     return typed
+
+
+store = ConfigStore.instance()
+store.store(group="schema", name="train", node=TrainConfig)
+for group, schema in (
+    ("model", GPTConfig),
+    ("data", DataConfig),
+    ("system", SystemConfig),
+    ("paths", PathsConfig),
+    ("hellaswag", HellaswagConfig),
+):
+    store.store(group=f"schema/{group}", name="default", node=schema)

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hydragpt.config import DDPConfig, EvalConfig, HellaswagConfig
+from hydragpt.config import EvalConfig, HellaswagConfig
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.loader import to_device_batch
 from hydragpt.data.tokenizer import Tokenizer
 from hydragpt.engine import distributed
+from hydragpt.engine.parallel import DataParallel
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
 from hydragpt.model import GPT
@@ -35,7 +36,8 @@ log = logging.getLogger("hydragpt.eval")
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score the checkpoint; prints the result as one JSON object (the last stdout line) and returns it."""
-    env = distributed.setup(DDPConfig(name="ddp", backend="auto", timeout=600), cfg.device)
+    env = distributed.launched_env()
+    DataParallel().setup(env, cfg.device)  # under torchrun: each rank scores its share
     try:
         if cfg.out and env.is_main:  # now, not after the work: a path that cannot be made fails first
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The GPT language model: GPT-2's architecture, written to be read top to bottom.
+"""The GPT language model: GPT-2's architecture, written to be read top to bottom (imports only torch).
 
 Learned position embeddings, pre-LayerNorm blocks, GELU MLP, weight tying between the token embedding
 and the output head, and causal self-attention through `scaled_dot_product_attention` (flash attention
@@ -8,13 +8,49 @@ where the device has it). Equivalent to nanoGPT's model, so GPT-2 weights load i
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hydragpt.config import GPTConfig
+# Optional[...] rather than `X | None`: OmegaConf reads these annotations when the config is composed.
+# ruff: noqa: UP045
+
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
+@dataclass
+class GPTConfig:
+    """The model's shape; conf/model/*.yaml are flavours of it. Defaults are GPT-2 small's."""
+
+    name: str = "custom"  # flavour name, recorded in checkpoints and logs
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block (n_embd must divide by it)
+    n_embd: int = 768  # residual stream width
+    block_size: int = 1024  # context length in tokens (learned positions: sampling sees at most this many)
+    vocab_size: Optional[int] = None  # null: the dataset tokenizer's size; a larger value pads the output layer
+    dropout: float = 0.0  # dropout probability: 0 for pretraining, ~0.2 for small data such as Shakespeare
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them; without is a bit faster)
+    activation: str = "gelu"  # MLP nonlinearity: gelu (exact, nanoGPT) or gelu_tanh (OpenAI's GPT-2)
+
+    def __post_init__(self) -> None:
+        """Checked when the config is composed: ValueError(what went wrong, how to fix it)."""
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}", "set a positive size")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
+                "choose n_embd as a multiple of n_head, e.g. n_embd=384 n_head=6",
+            )
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError("model.vocab_size must be >= 1", "or null for the data's")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}", "e.g. 0.0 or 0.2")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown model.activation '{self.activation}'", f"use one of: {', '.join(ACTIVATIONS)}")
 
 
 class KVCache:
@@ -141,6 +177,20 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters by role, for optimizers that treat them differently (Muon, weight decay):
+        `matrices` are the blocks' 2-D weights, `embeddings` the token and position tables (the head is
+        tied to the token table), `vectors` the gains and biases."""
+        groups: dict[str, list[nn.Parameter]] = {"matrices": [], "embeddings": [], "vectors": []}
+        for name, param in self.named_parameters():  # a tied parameter is listed once
+            if param.dim() < 2:
+                groups["vectors"].append(param)
+            elif name.startswith(("transformer.wte.", "transformer.wpe.", "lm_head.")):
+                groups["embeddings"].append(param)
+            else:
+                groups["matrices"].append(param)
+        return groups
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (the token embedding is tied

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,13 @@ from omegaconf.errors import OmegaConfBaseException
 from hydragpt.config import train_config
 from hydragpt.data.dataset import read_meta
 from hydragpt.engine import distributed
+from hydragpt.engine.builder import build_trainer
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, RESUME_KEYS, load_checkpoint, remove_partial_writes
 from hydragpt.engine.preemption import PREEMPTED_EXIT, StopSignals
 from hydragpt.engine.run_lock import RunLock
 from hydragpt.engine.trainer import Trainer
 from hydragpt.errors import UserError, exit_on_user_error
+from hydragpt.model import GPTConfig
 
 log = logging.getLogger("hydragpt.train")
 
@@ -54,15 +57,10 @@ OmegaConf.register_new_resolver(
 # (with the same keys, one rank per GPU); Hydra checks it against the plugin's schema and says so.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
 
-# Config keys whose change on resume would not fit the saved state.
+# Config keys whose change on resume would not fit the saved state: the model's shape (every field of its
+# config but dropout, which only acts in training) and the data the loader position refers to.
 FROZEN_ON_RESUME = (
-    "model.n_layer",
-    "model.n_head",
-    "model.n_embd",
-    "model.block_size",
-    "model.vocab_size",
-    "model.bias",
-    "model.activation",
+    *(f"model.{f.name}" for f in fields(GPTConfig) if f.name not in ("name", "dropout")),
     "data.name",
     "data.tokenizer",
     "data.sampling",
@@ -111,13 +109,6 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
     return result
 
 
-def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run config in today's schema: runs saved before trackers became their own keys had a
-    single `logger.name` (always "default": console and metrics.jsonl)."""
-    logger = {key: value for key, value in saved.get("logger", {}).items() if key != "name"}
-    return {**saved, "logger": logger}
-
-
 def _record_resume(run_dir: Path, config: dict[str, Any], overrides: list[str]) -> None:
     """Keep .hydra/ truthful: the config now in force, and the overrides of every invocation in order."""
     hydra_dir = run_dir / ".hydra"
@@ -162,20 +153,21 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig) -> Trainer:
         resume_from = load_checkpoint(cfg.resume, require=RESUME_KEYS)
         overrides = list(hydra_cfg.overrides.task)
         # keys this version added since the run was saved take today's defaults
-        saved = OmegaConf.to_container(OmegaConf.merge(run_config, _upgrade(resume_from["config"])))
+        saved = OmegaConf.to_container(OmegaConf.merge(run_config, resume_from["config"]))
         assert isinstance(saved, dict)
         run_config = apply_resume_overrides({**saved, "resume": cfg.resume}, resume_from["config_choices"], overrides)
     typed = train_config(run_config, distributed.launched_env().world_size)
     # From here to the end the stop signals only raise a flag: one arriving while the job still sets up
     # stops it after its first step
     with StopSignals(typed.train.stop_signals).installed() as stop:
-        env = distributed.setup(typed.ddp, typed.system.device)
+        env = distributed.launched_env()
+        typed.ddp.setup(env, typed.system.device)
         distributed.quiet_other_ranks(env)
         trainer = None
         try:
             run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
             choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
-            trainer = Trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env, stop=stop)
+            trainer = build_trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env, stop=stop)
             if resume_from and env.is_main:  # only once the resumed config has proven valid
                 _record_resume(run_dir, run_config, overrides)
                 log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)

@@ -188,3 +188,32 @@ def build_train_loader(
     if sampling == "random":
         return RandomBatchLoader(tokens, batch_size, block_size, seed, device, rank, world_size)
     return SequentialBatchLoader(tokens, batch_size, block_size, device, rank, world_size)
+
+
+class Prefetcher:
+    """Wraps a loader so that the next batch can be drawn (and, on CUDA, copied) while the current step
+    still runs; its position is the wrapped loader's before the batch drawn ahead, so a checkpoint taken
+    between steps resumes with exactly that batch."""
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.loader = loader
+        self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._state_before_ahead: dict[str, Any] = {}
+
+    def prefetch(self) -> None:
+        if self._ahead is None:
+            self._state_before_ahead = self.loader.state_dict()
+            self._ahead = self.loader.next_batch()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.prefetch()
+        assert self._ahead is not None
+        batch, self._ahead = self._ahead, None
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state_before_ahead if self._ahead is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._ahead = None
+        self.loader.load_state_dict(state)

@@ -22,13 +22,13 @@ import torch
 from hydragpt.errors import UserError, in_chain
 
 FORMAT = "hydragpt-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: several optimizers (a list of states), no scheduler state (the lr is a function of the step)
 CHECKPOINT_DIR = "checkpoints"
 # What a checkpoint needs to sample, evaluate or start a new run from; and, beyond that, to be resumed.
 MODEL_KEYS = ("model", "model_config", "tokenizer", "step")
 RESUME_KEYS = (
     *MODEL_KEYS,
-    *("config", "config_choices", "optimizer", "scheduler", "scaler", "tokens_seen", "best_val_loss", "rng", "loader"),
+    *("config", "config_choices", "optimizers", "scaler", "tokens_seen", "best_val_loss", "rng", "loader"),
 )
 # Keys that wrappers add to parameter names: torch.compile and DistributedDataParallel.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -209,10 +209,21 @@ def load_checkpoint(
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{p} is not a hydragpt checkpoint", "use checkpoints/last.pt or best.pt of a hydragpt run")
     if ckpt.get("version") != VERSION:
-        raise UserError(f"{p} has checkpoint version {ckpt.get('version')}, expected {VERSION}", "upgrade hydragpt")
+        raise UserError(
+            f"{p} has checkpoint version {ckpt.get('version')}, this hydragpt reads version {VERSION}",
+            "use the hydragpt release that wrote it, or train it again",
+        )
     if missing := [key for key in require if key not in ckpt]:
         raise UserError(
             f"{p} is an incomplete hydragpt checkpoint (no {', '.join(missing)})",
             "use checkpoints/last.pt or best.pt of a run",
         )
     return ckpt
+
+
+def load_weights(source: str) -> dict[str, Any]:
+    """What a new run (`train.init_from`), sample.py and eval.py start from: a checkpoint or run directory,
+    or a pretrained GPT-2 (`gpt2`, ..., `hf:<dir>`) as the parts of a checkpoint that hold the model."""
+    from hydragpt.hf import is_pretrained, load_pretrained
+
+    return load_pretrained(source) if is_pretrained(source) else load_checkpoint(source)

@@ -13,14 +13,11 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from hydragpt.config import DDPConfig
-from hydragpt.engine.system import local_gpu
 from hydragpt.errors import UserError
 
 
@@ -91,31 +88,6 @@ def rank_arguments(argv: list[str]) -> list[str]:
     if env.is_main:
         return []
     return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=rank"]
-
-
-def backend_for(ddp: DDPConfig, device: str) -> str:
-    if ddp.backend != "auto":
-        return ddp.backend
-    uses_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return "nccl" if uses_cuda else "gloo"
-
-
-def setup(ddp: DDPConfig, device: str) -> DistEnv:
-    """Join the process group when launched with several processes; returns this process's place."""
-    env = launched_env()
-    if not env.is_distributed:
-        return env
-    if ddp.name == "none":
-        raise UserError(
-            f"launched as {env.world_size} processes but ddp=none runs a single process",
-            "drop ddp=none (ddp=ddp is the default), or launch one process",
-        )
-    if not dist.is_initialized():
-        backend = backend_for(ddp, device)
-        if backend == "nccl":  # before any collective: NCCL puts its buffers on the current GPU
-            torch.cuda.set_device(local_gpu(env.local_rank))
-        dist.init_process_group(backend, timeout=timedelta(seconds=ddp.timeout))
-    return env
 
 
 def shutdown() -> None:

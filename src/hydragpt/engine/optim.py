@@ -1,55 +1,151 @@
-"""Optimizer and learning-rate schedule factories."""
+"""Optimizers: each option of the `optim` group is a dataclass of its knobs with a `build`.
+
+`build(model, device)` returns one or more optimizers over the model's parameters; every parameter group
+records its `initial_lr`, of which the lr schedule is a multiplier. Adding an optimizer is one class here
+(decorated with `@option`) and one YAML file under conf/optim/.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
+from typing import Any, Optional
 
 import torch
-from torch import nn
 
-from hydragpt.config import LRConfig, OptimConfig
+from hydragpt.errors import UserError
+from hydragpt.model import GPT
+from hydragpt.registry import option
+
+# Optional[...] rather than `X | None`: OmegaConf reads these annotations when the config is composed.
+# ruff: noqa: UP045
 
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices (matmul and embedding weights) only, never on biases or
-    LayerNorm gains; the fused kernel on CUDA unless `optim.fused` says otherwise."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device.type == "cuda" if cfg.fused is None else cfg.fused
-    log.info(
-        "optimizer: AdamW, %s decayed parameters in %d tensors, %s not decayed in %d, fused=%s",
-        f"{sum(p.numel() for p in decay):,}",
-        len(decay),
-        f"{sum(p.numel() for p in no_decay):,}",
-        len(no_decay),
-        fused,
-    )
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+def _require(ok: bool, what: str, fix: str) -> None:
+    if not ok:
+        raise UserError(what, fix)
 
 
-def lr_factor(step: int, cfg: LRConfig, base_lr: float) -> float:
-    """Multiplier of the base lr at optimizer step `step`: linear warmup, then cosine decay to
-    `min_lr` at `decay_iters` (held there after), or constant."""
-    if step < cfg.warmup_iters:
-        return (step + 1) / (cfg.warmup_iters + 1)
-    if cfg.name == "constant":
-        return 1.0
-    if step >= cfg.decay_iters:
-        return cfg.min_lr / base_lr
-    progress = (step - cfg.warmup_iters) / (cfg.decay_iters - cfg.warmup_iters)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # from 1 down to 0
-    return (cfg.min_lr + cosine * (base_lr - cfg.min_lr)) / base_lr
+def _check(values: dict[str, float]) -> None:
+    """Range checks by knob name: learning rates and eps > 0, betas and momentum in [0, 1), decay >= 0."""
+    for key, value in values.items():
+        if key.endswith(("lr", "eps")):
+            _require(value > 0, f"optim.{key} must be > 0, got {value}", f"e.g. optim.{key}=1e-3")
+        elif key.endswith(("beta1", "beta2", "momentum")):
+            _require(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}", f"e.g. optim.{key}=0.95")
+        else:
+            _require(value >= 0, f"optim.{key} must be >= 0, got {value}", f"e.g. optim.{key}=0 to disable")
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: LRConfig, base_lr: float
-) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, base_lr))
+def _groups(*groups: dict[str, Any]) -> list[dict[str, Any]]:
+    """Parameter groups with their `initial_lr` (what the schedule multiplies), empty ones left out."""
+    return [{**group, "initial_lr": group["lr"]} for group in groups if group["params"]]
+
+
+def _describe(name: str, groups: list[dict[str, Any]]) -> None:
+    for group in groups:
+        params = group["params"]
+        log.info(
+            "optimizer %s: %s parameters in %d tensors, lr %g, weight decay %g",
+            name,
+            f"{sum(p.numel() for p in params):,}",
+            len(params),
+            group["lr"],
+            group.get("weight_decay", 0.0),
+        )
+
+
+@option("optim", "adamw")
+class AdamW:
+    """AdamW on every parameter; weight decay on matrices and embeddings, never on gains and biases."""
+
+    lr: float = 6e-4  # peak learning rate (after warmup)
+    weight_decay: float = 0.1  # decoupled weight decay
+    beta1: float = 0.9  # first-moment decay
+    beta2: float = 0.95  # second-moment decay: 0.95 for large batches, 0.99 for small models and batches
+    eps: float = 1e-8  # denominator epsilon
+    fused: Optional[bool] = None  # fused kernel: null picks it on CUDA; true/false to force
+
+    def __post_init__(self) -> None:
+        _check({key: getattr(self, key) for key in ("lr", "weight_decay", "beta1", "beta2", "eps")})
+
+    def build(self, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
+        kinds = model.parameter_groups()
+        groups = _groups(
+            {"params": kinds["matrices"] + kinds["embeddings"], "lr": self.lr, "weight_decay": self.weight_decay},
+            {"params": kinds["vectors"], "lr": self.lr, "weight_decay": 0.0},
+        )
+        _describe("AdamW", groups)
+        fused = device.type == "cuda" if self.fused is None else self.fused
+        return [torch.optim.AdamW(groups, betas=(self.beta1, self.beta2), eps=self.eps, fused=fused)]
+
+
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
+
+
+@option("optim", "muon")
+class Muon:
+    """torch.optim.Muon (momentum, then Newton-Schulz orthogonalisation) for the blocks' 2-D matrices;
+    AdamW for the embeddings (and the head tied to them), gains and biases, each with its own lr."""
+
+    lr: float = 0.02  # Muon's peak learning rate, for the blocks' matrices
+    momentum: float = 0.95  # Muon's momentum
+    nesterov: bool = True  # Nesterov momentum
+    ns_steps: int = 5  # Newton-Schulz iterations per update
+    weight_decay: float = 0.0  # Muon's decoupled weight decay
+    adjust_lr_fn: str = "original"  # per-shape lr scaling: original (sqrt(max(1, rows/cols))) or match_rms_adamw
+    embedding_lr: float = 0.006  # AdamW's peak lr for the token and position embeddings (and the tied head)
+    vector_lr: float = 0.006  # AdamW's peak lr for gains and biases
+    adamw_weight_decay: float = 0.0  # AdamW's weight decay (embeddings only; never gains and biases)
+    adamw_beta1: float = 0.8  # AdamW's first-moment decay
+    adamw_beta2: float = 0.95  # AdamW's second-moment decay
+    adamw_eps: float = 1e-10  # AdamW's denominator epsilon
+    fused: Optional[bool] = None  # AdamW's fused kernel: null picks it on CUDA
+
+    def __post_init__(self) -> None:
+        numbers = ("lr", "momentum", "weight_decay", "embedding_lr", "vector_lr", "adamw_weight_decay")
+        _check({key: getattr(self, key) for key in (*numbers, "adamw_beta1", "adamw_beta2", "adamw_eps")})
+        _require(1 <= self.ns_steps < 100, f"optim.ns_steps must be in [1, 100), got {self.ns_steps}", "e.g. 5")
+        _require(
+            self.adjust_lr_fn in MUON_LR_ADJUSTMENTS,
+            f"unknown optim.adjust_lr_fn '{self.adjust_lr_fn}'",
+            f"use one of: {', '.join(MUON_LR_ADJUSTMENTS)}",
+        )
+
+    def build(self, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
+        kinds = model.parameter_groups()
+        muon_groups = _groups({"params": kinds["matrices"], "lr": self.lr, "weight_decay": self.weight_decay})
+        adam_groups = _groups(
+            {"params": kinds["embeddings"], "lr": self.embedding_lr, "weight_decay": self.adamw_weight_decay},
+            {"params": kinds["vectors"], "lr": self.vector_lr, "weight_decay": 0.0},
+        )
+        _describe("Muon", muon_groups)
+        _describe("AdamW", adam_groups)
+        fused = device.type == "cuda" if self.fused is None else self.fused
+        betas = (self.adamw_beta1, self.adamw_beta2)
+        return [
+            torch.optim.Muon(
+                muon_groups,
+                momentum=self.momentum,
+                nesterov=self.nesterov,
+                ns_steps=self.ns_steps,
+                adjust_lr_fn=self.adjust_lr_fn,
+            ),
+            torch.optim.AdamW(adam_groups, betas=betas, eps=self.adamw_eps, fused=fused),
+        ]
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """Step unless `nonfinite` (a 0/1 float on the device) is set: fused optimizers skip the update on the
+    device, without the host waiting for it; the others need the flag on the host first."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = nonfinite  # type: ignore[attr-defined]  # read by the fused kernels
+        optimizer.step()
+    elif not nonfinite.item():
+        optimizer.step()
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings, without its parameters."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from hydragpt.config import LoggerConfig
 from hydragpt.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,6 +27,12 @@ class MetricsLogger(Protocol):
 
     def close(self, failed: bool = False) -> None:
         """Called once at the end of the run, also when it fails (`failed`), so a tracker's run ends."""
+
+
+class Tracker(Protocol):
+    """An option of the `logger` group: its knobs, and the logger they build for a run."""
+
+    def build(self, run: RunInfo) -> MetricsLogger: ...
 
 
 @dataclass(frozen=True)
@@ -106,23 +111,13 @@ class JsonlLogger:
         self._file.close()
 
 
-def build_loggers(cfg: LoggerConfig, run: RunInfo) -> list[MetricsLogger]:
-    """Console and metrics.jsonl, then the configured trackers; wandb last, as the only one that can
-    fail on the network. If one fails to start, those already started are closed again."""
+def build_loggers(trackers: list[Tracker], run: RunInfo) -> list[MetricsLogger]:
+    """Console and metrics.jsonl, then the configured trackers, those that may fail on the network (wandb)
+    last. If one fails to start, those already started are closed again."""
     loggers: list[MetricsLogger] = [ConsoleLogger(), JsonlLogger(run.dir / METRICS_FILE)]
     try:
-        if cfg.csv is not None:
-            from hydragpt.loggers.csv_logger import CsvLogger
-
-            loggers.append(CsvLogger(run.dir / cfg.csv.file, run.dir))
-        if cfg.tensorboard is not None:
-            from hydragpt.loggers.tensorboard_logger import TensorboardLogger
-
-            loggers.append(TensorboardLogger(run.dir / cfg.tensorboard.dir, run.dir, run.resumed_at))
-        if cfg.wandb is not None:
-            from hydragpt.loggers.wandb_logger import WandbLogger
-
-            loggers.append(WandbLogger(cfg.wandb, run))
+        for tracker in sorted(trackers, key=lambda t: getattr(t, "remote", False)):
+            loggers.append(tracker.build(run))
     except BaseException:
         close_loggers(loggers, failed=True)
         raise

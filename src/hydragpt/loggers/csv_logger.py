@@ -12,7 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hydragpt.loggers import METRICS_FILE, read_metrics
+from hydragpt.loggers import METRICS_FILE, RunInfo, read_metrics
+from hydragpt.registry import option
+
+
+@option("logger", "csv")
+class Csv:
+    """A CSV copy of metrics.jsonl for spreadsheets: one row per record."""
+
+    file: str = "metrics.csv"  # file name, relative to the run directory
+
+    def build(self, run: RunInfo) -> CsvLogger:
+        return CsvLogger(run.dir / self.file, run.dir)
 
 
 class CsvLogger:

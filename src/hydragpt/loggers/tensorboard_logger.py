@@ -6,7 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from hydragpt.errors import UserError
-from hydragpt.loggers import METRICS_FILE, read_metrics
+from hydragpt.loggers import METRICS_FILE, RunInfo, read_metrics
+from hydragpt.registry import option
+
+
+@option("logger", "tensorboard")
+class Tensorboard:
+    """TensorBoard event files (needs `pip install tensorboard`)."""
+
+    dir: str = "tensorboard"  # event-file directory, relative to the run directory
+
+    def build(self, run: RunInfo) -> TensorboardLogger:
+        return TensorboardLogger(run.dir / self.dir, run.dir, run.resumed_at)
 
 
 class TensorboardLogger:

@@ -7,17 +7,47 @@ run redoes land where they belong instead of being refused as going backwards.
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import field
+from typing import Any, ClassVar, Optional
 
-from hydragpt.config import WandbConfig
 from hydragpt.errors import UserError
 from hydragpt.loggers import RunInfo
+from hydragpt.registry import option
+
+# Optional[...] rather than `X | None`: OmegaConf reads these annotations when the config is composed.
+# ruff: noqa: UP045
 
 FIX = "run `wandb login` or set WANDB_API_KEY, or log locally with logger.wandb.mode=offline"
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@option("logger", "wandb")
+class Wandb:
+    """Weights & Biases: one wandb run per run directory, written by rank 0 only."""
+
+    remote: ClassVar[bool] = True  # may fail on the network: started after the local trackers
+
+    project: str = "hydragpt"  # wandb project to log into
+    entity: Optional[str] = None  # team or user that owns the project (null: your default entity)
+    group: Optional[str] = None  # null: the sweep's name (<date>/<time>) for a multirun's jobs, none for one run
+    name: Optional[str] = None  # null: the run directory's path under paths.output_dir
+    tags: list[str] = field(default_factory=list)  # labels to filter runs by, e.g. [baseline,fineweb]
+    notes: Optional[str] = None  # a free-text description shown on the run page
+    mode: Optional[str] = None  # online | offline | disabled (null: the WANDB_MODE variable, else online)
+    init_timeout: float = 90  # seconds to wait for wandb to start before failing the run (no network, bad key)
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise UserError(f"unknown logger.wandb.mode '{self.mode}'", f"use one of: {', '.join(WANDB_MODES)}")
+
+    def build(self, run: RunInfo) -> WandbLogger:
+        return WandbLogger(self, run)
+
+
 class WandbLogger:
-    def __init__(self, cfg: WandbConfig, run: RunInfo) -> None:
+    def __init__(self, cfg: Wandb, run: RunInfo) -> None:
         try:
             import wandb
         except ImportError as ex:

@@ -1,0 +1,268 @@
+"""Compose a Trainer from the typed config: device, data, model, optimizers, schedule, loaders, checkpointer,
+evaluators and loggers, each built by its own config node. Data flows one way: config -> parts -> Trainer.
+
+The model's shape comes from the config (its vocabulary from the dataset), or from the checkpoint a run
+starts from (`train.init_from`) or continues (`resume`): the weights decide, and only dropout (and, for a
+new run, `train.crop_block_size`) comes from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hydragpt.config import TrainConfig, grad_accum_steps
+from hydragpt.data.dataset import TokenDataset
+from hydragpt.data.loader import Prefetcher, SequentialBatchLoader, build_train_loader
+from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
+from hydragpt.engine.checkpointer import Checkpointer, TrainState
+from hydragpt.engine.distributed import DistEnv
+from hydragpt.engine.evaluators import Evaluator, HellaswagAccuracy, SplitLoss
+from hydragpt.engine.metrics import peak_flops
+from hydragpt.engine.preemption import StopSignals
+from hydragpt.engine.system import resolve_device, resolve_dtype, seed_everything
+from hydragpt.engine.trainer import Loop, Trainer
+from hydragpt.errors import UserError
+from hydragpt.evaluation import load_hellaswag
+from hydragpt.loggers import MetricsLogger, build_loggers, run_info, trim_metrics
+from hydragpt.model import GPT, GPTConfig
+
+log = logging.getLogger("hydragpt.train")
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    run_dir: Path,
+    run_config: dict[str, Any],
+    config_choices: dict[str, str],
+    resume_from: dict[str, Any] | None = None,
+    env: DistEnv | None = None,
+    stop: StopSignals | None = None,
+) -> Trainer:
+    """`run_config` is the resolved config as plain data and `config_choices` the option picked in each
+    config group, both stored in every checkpoint; `resume_from` is a loaded checkpoint of this same run
+    to continue from; `env` is this process's place in a torchrun job (rank 0 of 1 by default); `stop` is
+    the caller's installed stop-signal handler (none by default)."""
+    env = env or DistEnv()
+    t = cfg.train
+    device = resolve_device(cfg.system.device, env.local_rank if env.is_distributed else None)
+    dtype = resolve_dtype(cfg.system.dtype, device)
+    torch.set_float32_matmul_precision(cfg.system.matmul_precision)
+    seed_everything(cfg.system.seed)
+
+    data = TokenDataset(Path(cfg.paths.data_dir) / cfg.data.name)
+    start_from = resume_from
+    if start_from is None and t.init_from != "scratch":
+        start_from = load_weights(t.init_from)
+    model_config = model_shape(cfg, data, start_from, resumed=resume_from is not None)
+    data.require_block(model_config.block_size)
+    model = GPT(model_config) if start_from is None else model_from_checkpoint(start_from, model_config)
+    model.to(device)
+    cfg.ddp.shard(model, dtype)  # before the optimizer is built: it keeps each rank's shards only
+    if env.rank:  # the same initial weights everywhere, different dropout masks per rank
+        torch.manual_seed(cfg.system.seed + env.rank)
+
+    grad_accum = grad_accum_steps(t, model_config.block_size, env.world_size)
+    tokens_per_step = t.batch_size * model_config.block_size * grad_accum * env.world_size
+    loader = build_train_loader(
+        cfg.data.sampling,
+        data.splits["train"],
+        t.batch_size,
+        model_config.block_size,
+        cfg.system.seed,
+        device,
+        env.rank,
+        env.world_size,
+    )
+    max_iters = training_length(cfg, loader, grad_accum, tokens_per_step)
+    optimizers = cfg.optim.build(model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches = Prefetcher(loader)
+    checkpointer = Checkpointer(
+        ckpt_dir=run_dir / CHECKPOINT_DIR,
+        policy=cfg.checkpoint,
+        always_save=t.always_save_checkpoint,
+        env=env,
+        parallel=cfg.ddp,
+        model=model,
+        optimizers=optimizers,
+        scaler=scaler,
+        loader=batches,
+        metadata={
+            "model_config": asdict(model_config),
+            "tokenizer": data.meta.tokenizer,
+            "config": {**run_config, "model": asdict(model_config)},  # the shape actually built
+            "config_choices": config_choices,
+        },
+        seed=cfg.system.seed,
+    )
+    state = TrainState(tokens_per_step=tokens_per_step, run_id=secrets.token_hex(8))
+    if resume_from is not None:
+        state = checkpointer.load_state_dict(resume_from)
+        if state.tokens_per_step != tokens_per_step:
+            log.warning(
+                "tokens per step change from %s to %s on resume (world size or accumulation changed); "
+                "set train.total_batch_size to keep the global batch whatever the number of ranks",
+                f"{state.tokens_per_step:,}",
+                f"{tokens_per_step:,}",
+            )
+            state.tokens_per_step = tokens_per_step
+
+    eval_model: torch.nn.Module = torch.compile(model) if cfg.system.compile else model
+    train_model = cfg.ddp.wrap(eval_model, device)  # evaluation needs no gradient averaging
+    evaluators: list[Evaluator] = [
+        SplitLoss(data, t.batch_size, model_config.block_size, t.eval_iters, device, dtype, env)
+    ]
+    if t.hellaswag_interval:
+        examples = load_hellaswag(cfg.hellaswag, env)[: t.hellaswag_examples]
+        evaluators.append(HellaswagAccuracy(examples, data.tokenizer, t.hellaswag_interval, device, dtype, env))
+
+    def open_loggers(train: TrainState) -> list[MetricsLogger]:
+        if not env.is_main:
+            return []
+        if resume_from is not None:
+            trim_metrics(run_dir, train.step)  # what came after the checkpoint will be redone
+        resumed_at = train.step if resume_from is not None else None
+        run = run_info(run_dir, Path(cfg.paths.output_dir), checkpointer.metadata["config"], train.run_id, resumed_at)
+        return build_loggers(list(cfg.logger.values()), run)
+
+    loop = Loop(
+        max_iters=max_iters,
+        grad_accum=grad_accum,
+        grad_clip=t.grad_clip,
+        eval_interval=t.eval_interval,
+        log_interval=t.log_interval,
+        skip_nonfinite=t.skip_nonfinite,
+        eval_only=t.eval_only,
+        plot=t.plot,
+    )
+    trainer = Trainer(
+        loop=loop,
+        model=model,
+        train_model=train_model,
+        eval_model=eval_model,
+        optimizers=optimizers,
+        schedule=lambda step: cfg.lr.factor(step, max_iters),
+        scaler=scaler,
+        batches=batches,
+        parallel=cfg.ddp,
+        checkpointer=checkpointer,
+        evaluators=evaluators,
+        open_loggers=open_loggers,
+        state=state,
+        device=device,
+        dtype=dtype,
+        env=env,
+        run_dir=run_dir,
+        flops_per_token=model.flops_per_token(),
+        peak_flops=peak_flops(device, dtype, cfg.system.peak_flops),
+        stop=stop or StopSignals([]),
+        resumed=resume_from is not None,
+    )
+    _log_setup(cfg, run_dir, model, data, loop, state, env, device, dtype)
+    return trainer
+
+
+def model_shape(cfg: TrainConfig, data: TokenDataset, start_from: dict[str, Any] | None, resumed: bool) -> GPTConfig:
+    """The model's shape: from the config (vocab from the data), or from the checkpoint we start from."""
+    wanted = cfg.model
+    data_vocab = data.tokenizer.vocab_size
+    if start_from is None:
+        if wanted.vocab_size is None:
+            return replace(wanted, vocab_size=data_vocab)
+        if wanted.vocab_size < data_vocab:
+            raise UserError(
+                f"model.vocab_size={wanted.vocab_size} is smaller than the dataset's vocabulary ({data_vocab})",
+                "use model.vocab_size=null to take it from the data",
+            )
+        return wanted
+    if start_from["tokenizer"] != data.meta.tokenizer:
+        raise UserError(
+            f"the checkpoint's vocabulary does not match dataset '{cfg.data.name}'",
+            "train on the data the checkpoint was trained on, or start from scratch",
+        )
+    saved = GPTConfig(**start_from["model_config"])
+    crop = cfg.train.crop_block_size
+    if resumed or crop is None:
+        return replace(saved, dropout=wanted.dropout)
+    if crop > saved.block_size:
+        raise UserError(
+            f"train.crop_block_size={crop} is larger than the checkpoint's block_size {saved.block_size}",
+            "learned positions cannot grow: use a value up to the checkpoint's, or null",
+        )
+    log.info("cropping block_size from %d to %d", saved.block_size, crop)
+    return replace(saved, dropout=wanted.dropout, block_size=crop)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], config: GPTConfig) -> GPT:
+    """Build at the saved size, load the weights, then crop the context if this run wants it shorter."""
+    model = GPT(replace(config, block_size=ckpt["model_config"]["block_size"]))
+    model.load_state_dict(ckpt["model"])
+    if config.block_size < model.config.block_size:
+        model.crop_block_size(config.block_size)
+    return model
+
+
+def training_length(cfg: TrainConfig, loader: Any, grad_accum: int, tokens_per_step: int) -> int:
+    """Optimizer steps of the whole run: `train.max_iters`, or as many as `max_tokens` or `epochs` take."""
+    t = cfg.train
+    if t.epochs is not None:
+        assert isinstance(loader, SequentialBatchLoader)  # config validation: epochs need sequential sampling
+        windows_per_step = t.batch_size * grad_accum * loader.world_size
+        return math.ceil(t.epochs * loader.n_windows / windows_per_step)
+    if t.max_tokens is not None:
+        return math.ceil(t.max_tokens / tokens_per_step)
+    return t.max_iters
+
+
+def _log_setup(
+    cfg: TrainConfig,
+    run_dir: Path,
+    model: GPT,
+    data: TokenDataset,
+    loop: Loop,
+    state: TrainState,
+    env: DistEnv,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    m, t = model.config, cfg.train
+    log.info("run directory: %s", run_dir)
+    log.info(
+        "model %s: %.2fM parameters (%d layers, %d heads, %d wide, block %d, vocab %d, dropout %g)",
+        m.name,
+        model.num_params() / 1e6,
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+        m.block_size,
+        m.vocab_size,
+        m.dropout,
+    )
+    ranks = f" x {env.world_size} ranks" if env.is_distributed else ""
+    log.info(
+        "data %s: %s train / %s val tokens; %s tokens per step (batch %d x block %d x accumulation %d%s)",
+        cfg.data.name,
+        f"{len(data.splits['train']):,}",
+        f"{len(data.splits['val']):,}",
+        f"{state.tokens_per_step:,}",
+        t.batch_size,
+        m.block_size,
+        loop.grad_accum,
+        ranks,
+    )
+    log.info(
+        "device %s, %s%s; %s from iter %d to %d",
+        device,
+        str(dtype).removeprefix("torch."),
+        ", compiled" if cfg.system.compile else "",
+        "evaluating only" if t.eval_only else "training",
+        state.step,
+        loop.max_iters,
+    )
