@@ -1,8 +1,10 @@
 # hydragpt: `make train` then `make sample` on a fresh clone; `make test` is what CI runs.
 PYTHON ?= python3
 VENV ?= .venv
-# CPU wheel by default; `make install TORCH=torch` (or a CUDA index) for a GPU build.
+# The torch requirement, installed before the package, and optionally the index to take it from
+# (e.g. https://download.pytorch.org/whl/cpu for a CPU-only build); see README "Install".
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 # Extra Hydra overrides for train.py / sample.py, e.g. `make train ARGS="train.max_iters=500"`.
 ARGS ?=
@@ -16,7 +18,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

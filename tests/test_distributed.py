@@ -270,8 +270,8 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_is_the_usual_file(data_
     assert list(ckpt["model"]) == list(reference["model"])  # plain names, full shapes
     for name, weight in reference["model"].items():
         torch.testing.assert_close(ckpt["model"][name], weight, rtol=1e-4, atol=1e-6)
-    for index, state in reference["optimizer"]["state"].items():  # the same parameter behind each number
+    for index, state in reference["optimizers"][0]["state"].items():  # the same parameter behind each number
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(ckpt["optimizer"]["state"][index][key], state[key], rtol=1e-3, atol=1e-8)
+            torch.testing.assert_close(ckpt["optimizers"][0]["state"][index][key], state[key], rtol=1e-3, atol=1e-8)
     sampled = run_script("sample", f"ckpt={sharded}", "max_new_tokens=20", "num_samples=1", cwd=tmp_path)
     assert sampled.returncode == 0 and len(sampled.stdout.strip()) >= 20, sampled.stderr

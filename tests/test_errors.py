@@ -126,10 +126,10 @@ def test_incomplete_checkpoints_are_refused(trained_run: Path, tmp_path: Path) -
     save_checkpoint(hollow, {"step": 3})  # the right format marker, nothing else
     with pytest.raises(UserError, match=r"hollow.pt is an incomplete hydragpt checkpoint \(no model, model_config"):
         load_checkpoint(hollow)
-    weights_only = {k: v for k, v in load_checkpoint(trained_run).items() if k not in ("optimizer", "rng")}
+    weights_only = {k: v for k, v in load_checkpoint(trained_run).items() if k not in ("optimizers", "rng")}
     save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", weights_only)  # samples, cannot resume
     assert load_checkpoint(tmp_path / "run")["step"] == 30
-    with pytest.raises(UserError, match=r"incomplete hydragpt checkpoint \(no optimizer, rng\)"):
+    with pytest.raises(UserError, match=r"incomplete hydragpt checkpoint \(no optimizers, rng\)"):
         load_checkpoint(tmp_path / "run", require=RESUME_KEYS)
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydragpt.config import GPTConfig
 from hydragpt.errors import UserError
 from hydragpt.hf import export, load_pretrained
-from hydragpt.model import GPT
+from hydragpt.model import GPT, GPTConfig
 from tests.helpers import prepare_dataset, run_script
 
 transformers = pytest.importorskip("transformers")

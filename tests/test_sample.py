@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydragpt.config import GPTConfig
 from hydragpt.engine.checkpoint import load_checkpoint
-from hydragpt.model import GPT, KVCache
+from hydragpt.model import GPT, GPTConfig, KVCache
 from hydragpt.sampling import (
     SEPARATOR,
     Settings,

@@ -49,4 +49,5 @@ def test_training_length_by_tokens_or_epochs(tmp_path: Path, corpus_file: Path, 
     assert max(r["iter"] for r in records if "loss" in r) == steps - 1  # not train.max_iters=30
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == steps and ckpt["loader"] == {"sampling": "sequential", "position": 4 * steps}
-    assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(6e-5)  # lr.min_lr, reached at the derived last step
+    lr = ckpt["optimizers"][0]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(6e-5)  # lr.min_lr_ratio x optim.lr, reached at the derived last step

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hydragpt.config import GPTConfig
 from hydragpt.errors import UserError
+from hydragpt.model import GPTConfig
 
 log = logging.getLogger(__name__)
 

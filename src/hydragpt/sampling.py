@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from hydragpt.config import GPTConfig, SampleConfig
+from hydragpt.config import SampleConfig
 from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
 from hydragpt.hf import is_pretrained, load_pretrained
-from hydragpt.model import GPT, KVCache
+from hydragpt.model import GPT, GPTConfig, KVCache
 
 log = logging.getLogger("hydragpt.sample")
 

@@ -1,1 +1,1 @@
-"""Benchmarks: measured side by side in one run, as the SPEC asks, never in timed unit tests."""
+"""Benchmarks: measured side by side (alternated runs) in one process, never in timed unit tests."""

@@ -1,7 +1,7 @@
 """Checkpoints: one self-contained file per save, written atomically, loaded with weights_only=True.
 
 A checkpoint holds everything needed to sample (weights, model config, tokenizer description) and to
-resume exactly (run config, optimizer, scheduler, grad scaler, step, tokens seen, best val loss, RNG
+resume exactly (run config, optimizers, grad scaler, step, tokens seen, best val loss, RNG
 states, data loader position). It is written to a temporary file, fsync'ed and renamed over the old one,
 so a crash at any instant leaves either the previous or the new checkpoint, never a truncated file.
 Retention (`checkpoint.keep_last`, `checkpoint.keep_every`) adds step_<N>.pt hard links beside last.pt.
