@@ -1,0 +1,73 @@
+"""The GPU paths, on a machine that has one (marked `cuda`, skipped elsewhere): bfloat16 autocast, compile,
+fused AdamW's on-device skip of a nan/inf step, and NCCL across two GPUs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydragpt.engine.optim import AdamW, step_if_finite
+from hydragpt.model import GPT, GPTConfig
+from tests.helpers import run_script, torchrun
+
+pytestmark = pytest.mark.cuda
+
+CFG = GPTConfig(name="t", n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65)
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("compile", ["false", "true"])
+def test_bf16_training_on_the_gpu_lowers_the_loss(data_dir: Path, tmp_path: Path, compile: str) -> None:
+    run = tmp_path / "run"
+    result = run_script(
+        "train",
+        "experiment=debug",
+        "system=cuda",
+        f"system.compile={compile}",
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run}",
+        "train.max_iters=40",
+        "train.eval_interval=40",
+        "train.log_interval=10",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "bfloat16" in (run / "train.log").read_text()
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_fused_adamw_skips_a_nonfinite_step_on_the_gpu() -> None:
+    model = GPT(CFG).cuda()
+    (optimizer,) = AdamW().build(model, torch.device("cuda"))
+    assert optimizer.defaults["fused"]  # the default on CUDA
+    weights = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    step_if_finite(optimizer, torch.ones((), device="cuda"))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("ddp", ["ddp", "fsdp"])
+def test_two_gpus_over_nccl(data_dir: Path, tmp_path: Path, ddp: str) -> None:
+    run = tmp_path / "run"
+    result = torchrun(
+        2,
+        "experiment=debug",
+        "system=cuda",
+        f"ddp={ddp}",
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run}",
+        "train.max_iters=10",
+        "train.eval_interval=10",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(train_losses(run)) == 10
