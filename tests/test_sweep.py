@@ -118,3 +118,20 @@ def test_optuna_search_minimizes_the_best_val_loss(data_dir: Path, tmp_path: Pat
         ]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(float(r["best_val_loss"]) for r in rows), rel=1e-4)
+
+
+def test_a_sweep_with_a_value_of_the_wrong_type_makes_no_directory(data_dir: Path, tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    result = run_script(
+        "train",
+        "-m",
+        "experiment=debug",
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={outputs}",
+        "optim.lr=1e-3,abc",
+        "train.max_iters=2",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: job 1 (") and "Value 'abc' of type 'str' could not be converted to Float" in line
+    assert not outputs.exists()

@@ -73,8 +73,9 @@ def fail(error: UserError) -> NoReturn:
     _exit_with(str(error))
 
 
-def exit_on_user_error(check: Callable[[], Any]) -> None:
-    """Run `check` where Hydra swallows exceptions (its callbacks): a `UserError` exits at once.
+def exit_on_user_error(check: Callable[[], Any], prefix: str = "") -> None:
+    """Run `check` where Hydra swallows exceptions (its callbacks): a `UserError` exits at once, its line
+    starting with `prefix`.
 
     With HYDRA_FULL_ERROR=1 the check is skipped, so the same mistake surfaces later with its traceback.
     """
@@ -83,7 +84,13 @@ def exit_on_user_error(check: Callable[[], Any]) -> None:
     try:
         check()
     except UserError as ex:
-        _exit_with(str(ex))
+        _exit_with(prefix + str(ex))
+
+
+def composition_error(ex: HydraException | OmegaConfBaseException) -> UserError:
+    """A config that failed to compose (bad override, unknown key, wrong type) as a user error."""
+    what, _, fix = _one_line(ex).partition(" (")
+    return UserError(what, fix.removesuffix(")"))
 
 
 def _file_system_error(ex: OSError) -> UserError:

@@ -18,10 +18,10 @@ import torch
 
 from hydragpt.config import SampleConfig
 from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
-from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint
+from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint, load_weights
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
-from hydragpt.hf import is_pretrained, load_pretrained
+from hydragpt.hf import is_pretrained
 from hydragpt.model import GPT, GPTConfig, KVCache
 
 log = logging.getLogger("hydragpt.sample")
@@ -136,7 +136,7 @@ def load_source(ckpt: str, init_from: str | None, output_dir: Path) -> tuple[dic
     if init_from:
         if not is_pretrained(init_from):
             raise UserError(f"unknown init_from={init_from}", "use gpt2, gpt2-medium, gpt2-large, gpt2-xl or hf:<dir>")
-        return load_pretrained(init_from), init_from
+        return load_weights(init_from), init_from
     path = latest_checkpoint(output_dir) if ckpt == "latest" else Path(ckpt)
     return load_checkpoint(path), str(path)
 

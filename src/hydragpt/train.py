@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -30,7 +32,7 @@ from hydragpt.engine.checkpoint import CHECKPOINT_DIR, RESUME_KEYS, load_checkpo
 from hydragpt.engine.preemption import PREEMPTED_EXIT, StopSignals
 from hydragpt.engine.run_lock import RunLock
 from hydragpt.engine.trainer import Trainer
-from hydragpt.errors import UserError, exit_on_user_error
+from hydragpt.errors import UserError, composition_error, exit_on_user_error
 from hydragpt.model import GPTConfig
 
 log = logging.getLogger("hydragpt.train")
@@ -188,11 +190,36 @@ class ValidateConfigCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("resume"):
-            task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
-            exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
+            _check_task_config(config)
             exit_on_user_error(lambda: read_meta(Path(config.paths.data_dir) / config.data.name))  # prepared?
             if distributed.launched_env().is_main:
                 exit_on_user_error(lambda: _refuse_existing_run(Path(config.hydra.run.dir)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Every job of a grid sweep composed before the sweep directory exists: an unknown key or a value
+        of the wrong type in any job is one error line, and no sweep is left half made. (A search sweeper
+        such as Optuna picks its values as it goes: its jobs are checked as they start.)"""
+        if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+            return
+        parser = OverridesParser.create()
+        jobs = BasicSweeper.split_arguments(parser.parse_overrides(list(config.hydra.overrides.task)), None)
+        for number, overrides in enumerate(job for batch in jobs for job in batch):
+            exit_on_user_error(lambda o=overrides: _check_job(config, o), f"job {number} ({' '.join(overrides)}): ")
+
+
+def _check_job(config: DictConfig, overrides: list[str]) -> None:
+    """A job's config composes: its keys exist and its values have their types. Values out of range fail
+    that job alone, as a failed row of the sweep's summary, and the other jobs run."""
+    try:
+        compose(config.hydra.job.config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as ex:
+        raise composition_error(ex) from ex
+
+
+def _check_task_config(config: DictConfig) -> None:
+    """The task's part of a composed config (Hydra's own left out), converted and checked."""
+    task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
