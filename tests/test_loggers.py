@@ -77,7 +77,7 @@ def test_one_offline_wandb_run_per_sweep_job(
         "from hydragpt.engine import trainer\n"
         "step = trainer.Trainer.train_step\n"
         "def failing(self):\n"
-        "    if self.cfg.optim.lr == 2e-3 and self.step == 3:\n"
+        "    if self.optimizers[0].param_groups[0]['initial_lr'] == 2e-3 and self.step == 3:\n"
         "        raise RuntimeError('injected failure')\n"
         "    return step(self)\n"
         "trainer.Trainer.train_step = failing\n"

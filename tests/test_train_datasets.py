@@ -50,4 +50,4 @@ def test_training_length_by_tokens_or_epochs(tmp_path: Path, corpus_file: Path, 
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == steps and ckpt["loader"] == {"sampling": "sequential", "position": 4 * steps}
     lr = ckpt["optimizers"][0]["param_groups"][0]["lr"]
-    assert lr == pytest.approx(6e-5)  # lr.min_lr_ratio x optim.lr, reached at the derived last step
+    assert lr == pytest.approx(1e-3)  # lr.min_lr_ratio (0.1) x optim.lr (1e-2), reached at the derived last step
