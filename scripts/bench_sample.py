@@ -4,8 +4,8 @@ import hydra
 from omegaconf import DictConfig
 
 from hydragpt.bench.sampling import bench_sample
-from hydragpt.config import bench_sample_config
 from hydragpt.errors import run_cli, user_errors_exit
+from hydragpt.train_config import bench_sample_config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench_sample")

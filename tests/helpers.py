@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import hydragpt.config  # noqa: F401  (registers the config schemas that conf/ extends)
+import hydragpt.train_config  # noqa: F401  (registers the config schemas that conf/ extends)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

@@ -9,12 +9,13 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from hydragpt.config import grad_accum_steps, prepare_config, sample_config, train_config
+from hydragpt.config import prepare_config, sample_config
 from hydragpt.engine.optim import Muon
 from hydragpt.engine.schedule import Cosine, WarmupStableDecay
 from hydragpt.errors import UserError
 from hydragpt.loggers.csv_logger import Csv
 from hydragpt.model import GPT
+from hydragpt.train_config import grad_accum_steps, train_config
 from tests.helpers import CONF_DIR, compose_config
 
 GROUPS = ["model", "data", "optim", "lr", "system", "ddp", "logger", "experiment", "paths", "hparams_search"]

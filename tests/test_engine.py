@@ -11,13 +11,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hydragpt.config import TrainConfig, train_config
 from hydragpt.engine.builder import build_trainer
 from hydragpt.engine.checkpoint import RESUME_KEYS, load_checkpoint
 from hydragpt.engine.optim import Muon
 from hydragpt.engine.preemption import StopSignals
 from hydragpt.engine.trainer import Trainer, TrainingDiverged
 from hydragpt.model import GPT
+from hydragpt.train_config import TrainConfig, train_config
 from tests.helpers import compose_config
 
 

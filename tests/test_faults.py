@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydragpt.config import train_config
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.engine.checkpoint import keep_step_checkpoint, load_checkpoint, save_checkpoint, step_checkpoints
 from hydragpt.engine.preemption import PREEMPTED_EXIT
 from hydragpt.engine.run_lock import RunLock
 from hydragpt.errors import UserError
+from hydragpt.train_config import train_config
 from tests.helpers import DEBUG_RUN, REPO, compose_config, run_script
 
 HOOKS = Path(__file__).parent / "fault_hooks"

@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from hydragpt.config import train_config
 from hydragpt.engine.optim import AdamW, Muon, step_if_finite
 from hydragpt.engine.schedule import Constant, Cosine, WarmupStableDecay, set_lr
 from hydragpt.errors import UserError
 from hydragpt.model import GPT, GPTConfig
+from hydragpt.train_config import train_config
 from tests.helpers import compose_config
 
 CFG = GPTConfig(name="t", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=True)

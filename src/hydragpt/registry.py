@@ -6,7 +6,7 @@ printed config says which class it builds, as in Hydra's `instantiate`), and sto
 ConfigStore as `schema/optim/muon`. conf/optim/muon.yaml extends that schema
 (`defaults: [/schema/optim/muon@_here_]`) and sets only the values it changes. Composing `optim=muon` then
 yields a typed node: Hydra refuses a wrong type or an unknown key on the command line, and converting it
-(`hydragpt.config.to_option`) runs the class's own checks (`__post_init__`).
+(`hydragpt.train_config.train_config`) runs the class's own checks (`__post_init__`).
 """
 
 from __future__ import annotations

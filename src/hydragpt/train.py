@@ -24,7 +24,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hydragpt.config import train_config
 from hydragpt.data.dataset import read_meta
 from hydragpt.engine import distributed
 from hydragpt.engine.builder import build_trainer
@@ -34,6 +33,7 @@ from hydragpt.engine.run_lock import RunLock
 from hydragpt.engine.trainer import Trainer
 from hydragpt.errors import UserError, composition_error, exit_on_user_error
 from hydragpt.model import GPTConfig
+from hydragpt.train_config import train_config
 
 log = logging.getLogger("hydragpt.train")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from hydragpt.config import BenchSampleConfig
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.model import GPT
 from hydragpt.sampling import generate, load_model
+from hydragpt.train_config import BenchSampleConfig
 
 MODES = {True: "kv cache", False: "recompute"}
 

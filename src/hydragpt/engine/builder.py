@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from hydragpt.config import TrainConfig, grad_accum_steps
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.loader import Prefetcher, SequentialBatchLoader, build_train_loader
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
@@ -32,6 +31,7 @@ from hydragpt.errors import UserError
 from hydragpt.evaluation import load_hellaswag
 from hydragpt.loggers import MetricsLogger, build_loggers, run_info, trim_metrics
 from hydragpt.model import GPT, GPTConfig
+from hydragpt.train_config import TrainConfig, grad_accum_steps
 
 log = logging.getLogger("hydragpt.train")
 
@@ -163,7 +163,6 @@ def build_trainer(
         flops_per_token=model.flops_per_token(),
         peak_flops=peak_flops(device, dtype, cfg.system.peak_flops),
         stop=stop or StopSignals([]),
-        resumed=resume_from is not None,
     )
     _log_setup(cfg, run_dir, model, data, loop, state, env, device, dtype)
     return trainer

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from hydragpt.config import CheckpointConfig
 from hydragpt.data.loader import BatchLoader
 from hydragpt.engine.checkpoint import (
     clean_state_dict,
@@ -31,6 +30,7 @@ from hydragpt.engine.parallel import SingleProcess
 from hydragpt.engine.system import seed_everything
 from hydragpt.errors import UserError
 from hydragpt.model import GPT
+from hydragpt.train_config import CheckpointConfig
 
 log = logging.getLogger("hydragpt.train")
 

@@ -87,7 +87,6 @@ class Trainer:
         flops_per_token: float,
         peak_flops: float | None,
         stop: StopSignals,
-        resumed: bool = False,
     ) -> None:
         """`model` is the bare model (gradients, checkpoints), `train_model` what training runs through
         (compiled, DDP-wrapped), `eval_model` what evaluation runs through (compiled); `schedule(step)` is
@@ -98,7 +97,7 @@ class Trainer:
         self.evaluators, self.open_loggers, self.state = evaluators, open_loggers, state
         self.device, self.dtype, self.env, self.run_dir = device, dtype, env, run_dir
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.stop, self.resumed = stop, resumed
+        self.stop = stop
         self.stopped_by: str | None = None  # why training stopped early, when it did
         self.loggers: list[MetricsLogger] = []
         self._pending: list[torch.Tensor] = []  # per step since the last read: loss, grad norm, nan/inf, stop
@@ -147,12 +146,12 @@ class Trainer:
         # float16's grad scaler expects an occasional inf gradient: it skips that step and lowers its scale
         norm_ok = torch.isfinite(norm) | self.scaler.is_enabled()
         nonfinite = (~(torch.isfinite(loss_mean) & norm_ok)).float()
-        for optimizer in self.optimizers:
-            if self.scaler.is_enabled():
-                if not nonfinite.item():
-                    self.scaler.step(optimizer)
-            else:
+        if not self.scaler.is_enabled():
+            for optimizer in self.optimizers:
                 step_if_finite(optimizer, nonfinite)
+        elif not nonfinite.item():  # the scaler reads its own inf flags on the host anyway
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
         self.scaler.update()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -224,10 +223,11 @@ class Trainer:
             self.train_step()
             window_steps += 1
             finished = state.step == loop.max_iters
+            logging_step = (state.step - 1) % loop.log_interval == 0 or finished
             evaluating = state.step % loop.eval_interval == 0 or finished
-            if (state.step - 1) % loop.log_interval == 0 or evaluating:
+            if logging_step or evaluating:
                 latest, stop = self._read_pending()
-                if latest is not None and ((state.step - 1) % loop.log_interval == 0 or finished):
+                if latest is not None and logging_step:
                     elapsed = time.perf_counter() - window_start
                     train_seconds += elapsed
                     self._log_step(latest, window_steps, elapsed)

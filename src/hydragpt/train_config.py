@@ -1,0 +1,241 @@
+"""A training run's typed config: the model's shape, the component groups' options and the loop's knobs.
+
+Importing this module registers the schemas that conf/train.yaml composes: the model's (`GPTConfig`,
+beside the model) and the component options' (`@option` classes in engine/optim.py, engine/schedule.py,
+engine/parallel.py and the loggers), which import torch. `train_config` converts a composed (or saved)
+config into these dataclasses, each option an instance of its class, and runs every check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# The component options register their schemas when their modules are imported.
+from hydragpt.config import (
+    DTYPES,
+    STOPPABLE_SIGNALS,
+    DataConfig,
+    HellaswagConfig,
+    PathsConfig,
+    SystemConfig,
+    check_choice,
+    invalid_value,
+    require,
+    to_dataclass,
+    validate_device,
+    validate_seed,
+)
+from hydragpt.engine import optim, parallel, schedule  # noqa: F401
+from hydragpt.errors import UserError
+from hydragpt.loggers import csv_logger, tensorboard_logger, wandb_logger  # noqa: F401
+from hydragpt.model import GPTConfig
+
+# Optional[...] rather than `X | None` below: OmegaConf's structured configs read these annotations.
+# ruff: noqa: UP045
+
+OPTION_GROUPS = ("optim", "lr", "ddp")  # groups whose options are classes (`_target_`), besides the logger's trackers
+
+
+@dataclass
+class TrainLoopConfig:
+    """How long and how a run trains, evaluates and logs."""
+
+    max_iters: int = 2000  # optimizer steps to train for
+    max_tokens: Optional[int] = None  # or train for this many tokens: max_iters = ceil(max_tokens / tokens per step)
+    epochs: Optional[float] = None  # or for this many passes over the training split (data.sampling=sequential)
+    batch_size: int = 12  # sequences per micro-batch (per device); memory grows with it
+    grad_accum_steps: Optional[int] = 1  # micro-batches per optimizer step: a larger batch at the same memory
+    total_batch_size: Optional[int] = None  # tokens per optimizer step; when set it derives the accumulation
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables clipping)
+    eval_interval: int = 250  # evaluate train/val loss (and checkpoint) every this many steps
+    eval_iters: int = 20  # batches per split in each evaluation: more is steadier and slower
+    log_interval: int = (
+        10  # one progress line and metrics record every this many steps (the host reads the device only then)
+    )
+    always_save_checkpoint: bool = (
+        True  # write last.pt at every evaluation (false: only best.pt when val improves, and at the end)
+    )
+    skip_nonfinite: int = 0  # skip up to this many steps whose loss or gradient norm is nan/inf, then stop
+    stop_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"]
+    )  # stop within log_interval steps with a checkpoint, exit 75
+    eval_only: bool = False  # evaluate once and exit (with init_from to score a saved model)
+    init_from: str = "scratch"  # scratch, a checkpoint (or run directory), gpt2[-medium|-large|-xl] or hf:<dir>
+    crop_block_size: Optional[int] = None  # with init_from: shorten the checkpoint's context to this many tokens
+    hellaswag_interval: Optional[int] = None  # also score HellaSwag at evaluations whose step is a multiple of this
+    hellaswag_examples: Optional[int] = None  # score only the first this many HellaSwag examples (null: all 10,042)
+    plot: bool = True  # write plots/metrics.png at the end of training
+
+    def __post_init__(self) -> None:
+        require(self.max_iters >= 0, "train.max_iters must be >= 0", "set a non-negative count")
+        require(
+            self.max_tokens is None or self.epochs is None,
+            "train.max_tokens and train.epochs are both set",
+            "give the run's length one way: max_iters, max_tokens or epochs",
+        )
+        require(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens must be >= 1", "or null")
+        require(self.epochs is None or self.epochs > 0, "train.epochs must be > 0", "e.g. train.epochs=1, or null")
+        for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
+            value = getattr(self, key)
+            require(value >= 1, f"train.{key} must be >= 1, got {value}", "set a positive count")
+        require(
+            self.grad_accum_steps is not None or self.total_batch_size is not None,
+            "train.grad_accum_steps and train.total_batch_size are both null",
+            "set train.grad_accum_steps=1, or the tokens per step in train.total_batch_size",
+        )
+        if self.total_batch_size is not None:
+            require(
+                self.total_batch_size >= 1, "train.total_batch_size must be >= 1", "or null to use grad_accum_steps"
+            )
+        elif self.grad_accum_steps is not None:
+            require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
+        if self.crop_block_size is not None:
+            require(self.crop_block_size >= 1, "train.crop_block_size must be >= 1", "or null to keep the block size")
+            require(
+                self.init_from != "scratch", "train.crop_block_size only applies with train.init_from", "or set it null"
+            )
+        if self.hellaswag_interval is not None:
+            require(
+                self.hellaswag_interval >= 1 and self.hellaswag_interval % self.eval_interval == 0,
+                f"train.hellaswag_interval={self.hellaswag_interval} is not a multiple of train.eval_interval"
+                f"={self.eval_interval}",
+                "HellaSwag is scored at evaluations: use a multiple of eval_interval, or null",
+            )
+        examples = self.hellaswag_examples
+        require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
+        require(self.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
+        require(self.skip_nonfinite >= 0, "train.skip_nonfinite must be >= 0", "use 0 to stop at the first nan/inf")
+        for name in self.stop_signals:
+            require(
+                name in STOPPABLE_SIGNALS,
+                f"train.stop_signals: '{name}' is not a signal training can catch here",
+                f"use names from: {', '.join(STOPPABLE_SIGNALS)}",
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    """Which checkpoints a run keeps besides last.pt and best.pt."""
+
+    keep_last: int = 0  # also keep the newest this many as checkpoints/step_<N>.pt (0: only last.pt and best.pt)
+    keep_every: Optional[int] = None  # and keep step_<N>.pt for good when N is a multiple of this (null: never)
+
+    def __post_init__(self) -> None:
+        require(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0, got {self.keep_last}", "use 0 to keep none")
+
+
+@dataclass
+class TrainConfig:
+    """scripts/train.py's config: the component groups (each option builds its part) and the loop's knobs."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: Any = MISSING  # an option of conf/optim/: builds the optimizers
+    lr: Any = MISSING  # an option of conf/lr/: the schedule's multiplier of each group's lr
+    system: SystemConfig = field(default_factory=SystemConfig)
+    ddp: Any = MISSING  # an option of conf/ddp/: how the model is spread over the ranks
+    logger: dict[str, Any] = field(default_factory=dict)  # trackers by name (conf/logger/), each builds a logger
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hellaswag: HellaswagConfig = field(default_factory=HellaswagConfig)
+    resume: Optional[str] = None  # a run directory to continue exactly where it stopped (its config + these overrides)
+
+    def __post_init__(self) -> None:
+        """Checks across groups (each group checked its own knobs already)."""
+        require(
+            self.train.epochs is None or self.data.sampling == "sequential",
+            "train.epochs needs data.sampling=sequential (random windows have no epochs)",
+            "set data.sampling=sequential, or use train.max_iters / train.max_tokens",
+        )
+        keep_every, eval_interval = self.checkpoint.keep_every, self.train.eval_interval
+        if keep_every is not None:
+            require(
+                keep_every >= 1 and keep_every % eval_interval == 0,
+                f"checkpoint.keep_every={keep_every} is not a multiple of train.eval_interval={eval_interval}",
+                "checkpoints are written at evaluations: use a multiple of eval_interval, or null",
+            )
+
+
+@dataclass
+class BenchSampleConfig:
+    model: GPTConfig
+    ckpt: Optional[str]
+    vocab_size: int
+    prompt_tokens: int
+    max_new_tokens: int
+    num_samples: int
+    repeats: int
+    device: str
+    dtype: str
+    seed: int
+
+
+def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
+    """Micro-steps per optimizer step: derived from the total tokens per step when that is set, else given."""
+    if t.total_batch_size is None:
+        assert t.grad_accum_steps is not None
+        return t.grad_accum_steps
+    per_micro_step = t.batch_size * block_size * world_size
+    if t.total_batch_size % per_micro_step != 0:
+        nearest = per_micro_step * math.ceil(t.total_batch_size / per_micro_step)
+        raise UserError(
+            f"train.total_batch_size={t.total_batch_size} is not divisible by batch_size x block_size x "
+            f"world_size = {t.batch_size} x {block_size} x {world_size} = {per_micro_step}",
+            f"use a multiple of {per_micro_step}, e.g. {nearest}",
+        )
+    return t.total_batch_size // per_micro_step
+
+
+def _typed_options(cfg: DictConfig) -> None:
+    """Each component option's node, typed by the class its `_target_` names (a saved config is plain data)."""
+    nodes = [(cfg, group) for group in OPTION_GROUPS] + [(cfg.logger, name) for name in cfg.logger]
+    for parent, key in nodes:
+        node = parent[key]
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        try:
+            schema = get_class(target) if isinstance(target, str) else None
+        except (ImportError, ValueError):
+            schema = None
+        if schema is None or not is_dataclass(schema):
+            where = f"{parent._get_full_key(None)}.{key}".lstrip(".")
+            raise UserError(
+                f"{where} is not an option of a config group (_target_={target})",
+                f"pick one of the options in conf/{where.split('.')[0]}/ ({where}=<option>)",
+            )
+        parent[key] = OmegaConf.merge(OmegaConf.structured(schema), node)
+
+
+def train_config(cfg: DictConfig | dict[str, Any], world_size: int = 1) -> TrainConfig:
+    """The typed run config (each component option an instance of its class), checked throughout."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        _typed_options(merged)
+    except OmegaConfBaseException as ex:
+        raise invalid_value(ex) from ex
+    typed = to_dataclass(merged, TrainConfig)
+    if typed.train.init_from == "scratch":  # from a checkpoint, the block size is only known once loaded
+        grad_accum_steps(typed.train, typed.model.block_size, world_size)
+    return typed
+
+
+def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
+    typed = to_dataclass(cfg, BenchSampleConfig)
+    for key in ("vocab_size", "prompt_tokens", "max_new_tokens", "num_samples", "repeats"):
+        require(getattr(typed, key) >= 1, f"{key} must be >= 1, got {getattr(typed, key)}", "set a positive count")
+    validate_device(typed.device, "device")
+    check_choice(typed.dtype, DTYPES, "dtype")
+    validate_seed(typed.seed, "seed")
+    return typed
+
+
+store = ConfigStore.instance()
+store.store(group="schema", name="train", node=TrainConfig)
+store.store(group="schema/model", name="default", node=GPTConfig)
