@@ -190,7 +190,8 @@ class ValidateConfigCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("resume"):
-            _check_task_config(config)
+            task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+            exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
             exit_on_user_error(lambda: read_meta(Path(config.paths.data_dir) / config.data.name))  # prepared?
             if distributed.launched_env().is_main:
                 exit_on_user_error(lambda: _refuse_existing_run(Path(config.hydra.run.dir)))
@@ -214,12 +215,6 @@ def _check_job(config: DictConfig, overrides: list[str]) -> None:
         compose(config.hydra.job.config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as ex:
         raise composition_error(ex) from ex
-
-
-def _check_task_config(config: DictConfig) -> None:
-    """The task's part of a composed config (Hydra's own left out), converted and checked."""
-    task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
-    exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
