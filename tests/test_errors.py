@@ -133,6 +133,16 @@ def test_incomplete_checkpoints_are_refused(trained_run: Path, tmp_path: Path) -
         load_checkpoint(tmp_path / "run", require=RESUME_KEYS)
 
 
+def test_a_checkpoint_of_an_earlier_format_is_refused_with_its_fix(trained_run: Path, tmp_path: Path) -> None:
+    """Format 1 (one optimizer, a scheduler state) predates the instantiated engine: refused, not guessed at."""
+    old = tmp_path / "old.pt"
+    ckpt = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**ckpt, "version": 1}, old)
+    result = run_script("sample", f"ckpt={old}")
+    assert_user_error(result, "has checkpoint version 1, this hydragpt reads version 2")
+    assert "use the hydragpt release that wrote it, or train it again" in result.stderr
+
+
 def test_truncated_checkpoint_is_refused_and_left_alone(trained_run: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.pt"
     data = (trained_run / "checkpoints" / "last.pt").read_bytes()
