@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from hydragpt.errors import UserError
+from hydragpt.config import require
 from hydragpt.model import GPT
 from hydragpt.registry import option
 
@@ -22,20 +22,16 @@ from hydragpt.registry import option
 log = logging.getLogger(__name__)
 
 
-def _require(ok: bool, what: str, fix: str) -> None:
-    if not ok:
-        raise UserError(what, fix)
-
-
-def _check(values: dict[str, float]) -> None:
-    """Range checks by knob name: learning rates and eps > 0, betas and momentum in [0, 1), decay >= 0."""
+def _check(values: dict[str, float], examples: dict[str, str]) -> None:
+    """Range checks by knob name: learning rates and eps > 0, betas and momentum in [0, 1), decay >= 0;
+    the fix suggests `examples[key]` (a typical value of that knob for this optimizer)."""
     for key, value in values.items():
         if key.endswith(("lr", "eps")):
-            _require(value > 0, f"optim.{key} must be > 0, got {value}", f"e.g. optim.{key}=1e-3")
+            require(value > 0, f"optim.{key} must be > 0, got {value}", f"e.g. optim.{key}={examples[key]}")
         elif key.endswith(("beta1", "beta2", "momentum")):
-            _require(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}", f"e.g. optim.{key}=0.95")
+            require(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}", f"e.g. optim.{key}=0.95")
         else:
-            _require(value >= 0, f"optim.{key} must be >= 0, got {value}", f"e.g. optim.{key}=0 to disable")
+            require(value >= 0, f"optim.{key} must be >= 0, got {value}", f"e.g. optim.{key}=0 to disable")
 
 
 def _groups(*groups: dict[str, Any]) -> list[dict[str, Any]]:
@@ -68,7 +64,10 @@ class AdamW:
     fused: Optional[bool] = None  # fused kernel: null picks it on CUDA; true/false to force
 
     def __post_init__(self) -> None:
-        _check({key: getattr(self, key) for key in ("lr", "weight_decay", "beta1", "beta2", "eps")})
+        _check(
+            {key: getattr(self, key) for key in ("lr", "weight_decay", "beta1", "beta2", "eps")},
+            examples={"lr": "6e-4", "eps": "1e-8"},
+        )
 
     def build(self, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
         kinds = model.parameter_groups()
@@ -105,9 +104,12 @@ class Muon:
 
     def __post_init__(self) -> None:
         numbers = ("lr", "momentum", "weight_decay", "embedding_lr", "vector_lr", "adamw_weight_decay")
-        _check({key: getattr(self, key) for key in (*numbers, "adamw_beta1", "adamw_beta2", "adamw_eps")})
-        _require(1 <= self.ns_steps < 100, f"optim.ns_steps must be in [1, 100), got {self.ns_steps}", "e.g. 5")
-        _require(
+        _check(
+            {key: getattr(self, key) for key in (*numbers, "adamw_beta1", "adamw_beta2", "adamw_eps")},
+            examples={"lr": "0.02", "embedding_lr": "0.006", "vector_lr": "0.006", "adamw_eps": "1e-10"},
+        )
+        require(1 <= self.ns_steps < 100, f"optim.ns_steps must be in [1, 100), got {self.ns_steps}", "e.g. 5")
+        require(
             self.adjust_lr_fn in MUON_LR_ADJUSTMENTS,
             f"unknown optim.adjust_lr_fn '{self.adjust_lr_fn}'",
             f"use one of: {', '.join(MUON_LR_ADJUSTMENTS)}",
