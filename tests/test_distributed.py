@@ -23,7 +23,7 @@ def losses(run_dir: Path) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in records if "loss" in r], [r["val_loss"] for r in records if "val_loss" in r]
 
 
-@pytest.mark.parametrize("sampling", ["random", "sequential"])
+@pytest.mark.parametrize("sampling", ["random", pytest.param("sequential", marks=pytest.mark.slow)])
 def test_two_ranks_follow_one_process_with_twice_the_accumulation(
     data_dir: Path, tmp_path: Path, sampling: str
 ) -> None:

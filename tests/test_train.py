@@ -113,7 +113,7 @@ def test_wrapper_prefixes_are_stripped() -> None:
     assert list(cleaned) == ["lm_head.weight", "wpe", "x"]
 
 
-@pytest.mark.parametrize("sampling", ["random", "sequential"])
+@pytest.mark.parametrize("sampling", ["random", pytest.param("sequential", marks=pytest.mark.slow)])
 def test_resume_reproduces_the_uninterrupted_losses(train_run, tmp_path: Path, sampling: str) -> None:
     common = (
         "lr.decay_iters=40",
@@ -175,7 +175,7 @@ def test_init_from_with_a_shorter_context(train_run, trained_run: Path, tmp_path
     assert refused.returncode == 2 and "larger than the checkpoint's block_size 32" in refused.stderr
 
 
-@pytest.mark.parametrize("sampling", ["random", "sequential"])
+@pytest.mark.parametrize("sampling", ["random", pytest.param("sequential", marks=pytest.mark.slow)])
 def test_gradient_accumulation_matches_the_larger_batch(train_run, tmp_path: Path, sampling: str) -> None:
     """batch 4 x 1 micro-step and batch 2 x 2 micro-steps see the same windows and take the same steps."""
     common = ("train.max_iters=5", "train.eval_interval=5", f"data.sampling={sampling}")
