@@ -16,13 +16,14 @@ CONF_DIR = REPO / "conf"
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 # Copies GPT-2's BPE files into a tiktoken cache, so tiktoken.get_encoding("gpt2") works offline.
 SEED_TIKTOKEN_CACHE = REPO.parent / "shared" / "tools" / "seed-tiktoken-cache"
-# A small, fast model and run for tests: seconds on a CPU.
+# A small, fast model and run for tests: seconds on a CPU (plots, a second of matplotlib, only where asked).
 DEBUG_RUN = [
     "model=debug",
     "system=cpu",
     "train.batch_size=4",
     "train.eval_iters=2",
     "train.log_interval=1",
+    "train.plot=false",
 ]
 
 

@@ -25,7 +25,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def test_run_directory_layout_and_metrics(train_run, tmp_path: Path) -> None:
-    result = train_run("train.max_iters=12", "train.eval_interval=6", "train.log_interval=5")
+    result = train_run("train.max_iters=12", "train.eval_interval=6", "train.log_interval=5", "train.plot=true")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
     for name in (

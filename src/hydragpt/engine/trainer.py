@@ -253,17 +253,18 @@ class Trainer:
 
     def _log_step(self, latest: dict[str, float], steps: int, elapsed: float) -> None:
         tokens_per_sec = steps * self.state.tokens_per_step / elapsed
-        self._log(
-            {
-                "iter": self.state.step - 1,
-                **latest,
-                "tokens_per_sec": tokens_per_sec,
-                "mfu": mfu(self.flops_per_token, tokens_per_sec / self.env.world_size, self.peak_flops),
-                "tokens_seen": self.state.tokens_seen,
-                "time": time.perf_counter() - self.start_time,
-                "dt_ms": 1000 * elapsed / steps,
-            }
-        )
+        record = {
+            "iter": self.state.step - 1,
+            **latest,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": mfu(self.flops_per_token, tokens_per_sec / self.env.world_size, self.peak_flops),
+            "tokens_seen": self.state.tokens_seen,
+            "time": time.perf_counter() - self.start_time,
+            "dt_ms": 1000 * elapsed / steps,
+        }
+        if self.device.type == "cuda":  # the high-water mark of this rank's tensors, to size batches by
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._log(record)
 
     def _stop_with_checkpoint(self) -> None:
         """A stop signal reached some rank: save this step (unless its evaluation just did) and stop.

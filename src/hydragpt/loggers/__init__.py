@@ -82,8 +82,9 @@ class ConsoleLogger:
             )
             return
         mfu = f", mfu {100 * record['mfu']:.2f}%" if record.get("mfu") is not None else ""
+        memory = f", peak memory {record['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in record else ""
         log.info(
-            "iter %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f ms/iter, %s tok/s%s",
+            "iter %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f ms/iter, %s tok/s%s%s",
             record["iter"],
             record["loss"],
             record["lr"],
@@ -91,6 +92,7 @@ class ConsoleLogger:
             record["dt_ms"],
             f"{record['tokens_per_sec']:,.0f}",
             mfu,
+            memory,
         )
 
     def close(self, failed: bool = False) -> None:
