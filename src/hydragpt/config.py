@@ -11,12 +11,12 @@ back plain objects, or a `UserError` that names the bad value and how to fix it,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydragpt.data.dataset import SPLITS
@@ -125,78 +125,100 @@ class HellaswagConfig:
 
 @dataclass
 class SampleConfig:
-    ckpt: str
-    init_from: Optional[str]
-    start: str
-    num_samples: int
-    max_new_tokens: int
-    temperature: float
-    top_k: Optional[int]
-    top_p: Optional[float]
-    seed: int
-    device: str
-    dtype: str
-    use_cache: bool
-    stop: list[str]
-    out: Optional[str]
-    format: str
-    chat: bool
-    paths: PathsConfig
+    """scripts/sample.py: continue a prompt with a trained model (the checkpoint carries model and tokenizer)."""
+
+    ckpt: str = "latest"  # a checkpoint file, a run directory, or "latest" (the newest last.pt under paths.output_dir)
+    init_from: Optional[str] = None  # or a pretrained GPT-2 instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, hf:<dir>
+    start: str = "\n"  # the prompt, or FILE:<path> to read it from a file
+    num_samples: int = 3  # independent continuations, generated as one batch
+    max_new_tokens: int = 500  # tokens to generate per sample
+    temperature: float = 0.8  # <1 sharper, >1 more random; 0 is greedy (always the most likely token)
+    top_k: Optional[int] = 200  # sample only among the k most likely tokens (null: all)
+    top_p: Optional[float] = None  # nucleus sampling: the most likely tokens covering this probability mass (null: off)
+    seed: int = 1337  # same seed, same checkpoint, same settings: same samples
+    device: str = "auto"  # auto (cuda, mps, else cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16
+    use_cache: bool = True  # KV cache: each new token costs one position, not the whole context (false: recompute)
+    stop: list[str] = field(default_factory=list)  # end a sample at the first of these strings, e.g. stop=['\n\n']
+    out: Optional[str] = None  # also write the samples to this file
+    format: str = "text"  # text: samples separated by a line of dashes; jsonl: one JSON object per sample
+    chat: bool = False  # interactive: type a prompt, get its continuation streamed; `temp X`, `tokens X`, `quit`
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 @dataclass
 class PrepareConfig:
-    data: DataConfig
-    paths: PathsConfig
-    overwrite: bool
-    workers: Optional[int]
-    task_mb: int
+    """scripts/prepare.py: turn a raw corpus into token shards under <paths.data_dir>/<data.name>/."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    overwrite: bool = False  # redo a prepared dataset (an interrupted one continues unless this is set)
+    workers: Optional[int] = None  # processes tokenizing in parallel (null: every core)
+    task_mb: int = 1  # MB of text per tokenization task; two tasks per worker are in flight, so memory stays flat
 
 
 @dataclass
 class PeekConfig:
-    data: DataConfig
-    paths: PathsConfig
-    split: str
-    offset: int
-    n_tokens: int
-    ids: bool
+    """scripts/peek.py: decode and print tokens of a prepared dataset, to check what a model will read."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    split: str = "train"  # train or val
+    offset: int = 0  # first token to show
+    n_tokens: int = 200  # how many tokens to decode
+    ids: bool = False  # also print the token ids
 
 
 @dataclass
 class BenchPrepareConfig:
-    paths: PathsConfig
-    size_mb: int
-    workers: list[int]
-    repeats: int
-    tokenizer: str
-    task_mb: int
-    seed: int
-    work_dir: str
+    """scripts/bench_prepare.py: preparation throughput and peak memory, one process against a worker pool."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    size_mb: int = 200  # size of the generated .jsonl corpus
+    workers: list[int] = field(default_factory=lambda: [1, 2])  # worker counts compared, alternated in each round
+    repeats: int = 2  # rounds (A B A B: the machine may be noisy)
+    tokenizer: str = "gpt2"  # data.tokenizer for the runs
+    task_mb: int = 1  # MB of text per tokenization task
+    seed: int = 0  # corpus generator seed
+    work_dir: str = "${paths.data_dir}/bench_prepare"  # the corpus and the prepared outputs
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str
-    init_from: Optional[str]
-    task: str
-    split: str
-    dataset: Optional[str]
-    batch_size: int
-    device: str
-    dtype: str
-    limit: Optional[int]
-    show_examples: int
-    out: Optional[str]
-    hellaswag: HellaswagConfig
-    paths: PathsConfig
+    """scripts/eval.py: score a model: loss over a whole split, or HellaSwag accuracy."""
+
+    ckpt: str = "latest"  # a checkpoint file, a run directory, or "latest" (the newest last.pt under paths.output_dir)
+    init_from: Optional[str] = None  # or a pretrained GPT-2 instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, hf:<dir>
+    task: str = "val_loss"  # val_loss or hellaswag
+    split: str = "val"  # val_loss: the split of the checkpoint's dataset (under paths.data_dir) to score
+    dataset: Optional[str] = None  # val_loss: the prepared dataset to score (null: the one the checkpoint trained on)
+    batch_size: int = 8  # val_loss: sequences per forward (hellaswag scores one example, 4 endings, per forward)
+    device: str = "auto"  # auto (cuda, mps, else cpu), cpu, cuda, mps; cuda:LOCAL_RANK under torchrun
+    dtype: str = "auto"  # auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16
+    limit: Optional[int] = None  # score only the first this many windows (val_loss) or examples (hellaswag)
+    show_examples: int = 0  # hellaswag: print this many worked examples (context, endings with losses, prediction)
+    out: Optional[str] = (
+        None  # also write the result JSON here (hellaswag: each example's scores to <out>.examples.jsonl)
+    )
+    hellaswag: HellaswagConfig = field(default_factory=HellaswagConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 @dataclass
 class ExportConfig:
-    ckpt: str
-    out: str
-    paths: PathsConfig
+    """scripts/export.py: a checkpoint's model as a Hugging Face GPT-2 directory (transformers loads it)."""
+
+    ckpt: str = "latest"  # a checkpoint file, a run directory, or "latest" (the newest last.pt under paths.output_dir)
+    out: str = MISSING  # the directory to write: config.json, model.safetensors (tokenizer.json for GPT-2's tokenizer)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class PlotConfig:
+    """scripts/plot.py: draw a run's curves or a sweep's val losses side by side (exactly one of the two)."""
+
+    run: Optional[str] = None  # a run directory: writes <run>/plots/metrics.png (loss, lr, grad norm, tokens/s)
+    sweep: Optional[str] = None  # a multirun directory: writes <sweep>/val_loss.png with every job's val loss curve
 
 
 Schema = TypeVar("Schema")
@@ -339,3 +361,13 @@ for group, schema in (
     ("hellaswag", HellaswagConfig),
 ):
     store.store(group=f"schema/{group}", name="default", node=schema)
+for script, schema in (
+    ("sample", SampleConfig),
+    ("prepare", PrepareConfig),
+    ("peek", PeekConfig),
+    ("bench_prepare", BenchPrepareConfig),
+    ("eval", EvalConfig),
+    ("export", ExportConfig),
+    ("plot", PlotConfig),
+):
+    store.store(group="schema", name=script, node=schema)
