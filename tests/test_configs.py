@@ -109,6 +109,8 @@ def test_sample_and_prepare_configs_compose() -> None:
         ("lr.warmup_iters=-3", "lr.warmup_iters must be >= 0"),
         ("ddp.timeout=0", "ddp.timeout must be >= 1 second"),
         ("checkpoint.keep_every=7", "checkpoint.keep_every=7 is not a multiple of train.eval_interval=250"),
+        ("train.sample_interval=100", "train.sample_interval=100 is not a multiple of train.eval_interval=250"),
+        ("train.sample_tokens=0", "train.sample_tokens must be >= 1"),
     ],
 )
 def test_invalid_values_fail_early(override: str, message: str) -> None:

@@ -64,6 +64,22 @@ def test_resume_continues_bitwise(data_dir: Path, tmp_path: Path, optim: str) ->
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # every step, to the last bit
 
 
+def test_in_training_samples_are_written_and_leave_training_unchanged(data_dir: Path, tmp_path: Path) -> None:
+    common = ("train.max_iters=6", "train.eval_interval=3", "lr=constant", "lr.warmup_iters=0")
+    build(data_dir, tmp_path / "plain", *common).fit()
+    sampled = tmp_path / "sampled"
+    build(
+        data_dir, sampled, *common, "train.sample_interval=3", "train.sample_tokens=20", "train.sample_start=ROMEO:"
+    ).fit()
+    assert losses(sampled) == losses(tmp_path / "plain")  # sampling draws on its own generator
+    assert not (tmp_path / "plain" / "samples").exists()
+    files = sorted((sampled / "samples").iterdir())
+    assert [f.name for f in files] == ["iter_000000.txt", "iter_000003.txt", "iter_000006.txt"]
+    texts = [f.read_text() for f in files]
+    assert all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 20 for t in texts)  # one character a token
+    assert texts[0] != texts[-1]  # the same seed, a model that has learned
+
+
 def test_a_nonfinite_step_between_log_steps_is_never_applied(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,9 @@ class TrainLoopConfig:
     crop_block_size: Optional[int] = None  # with init_from: shorten the checkpoint's context to this many tokens
     hellaswag_interval: Optional[int] = None  # also score HellaSwag at evaluations whose step is a multiple of this
     hellaswag_examples: Optional[int] = None  # score only the first this many HellaSwag examples (null: all 10,042)
+    sample_interval: Optional[int] = None  # also write a sample at evaluations whose step is a multiple of this
+    sample_start: str = "\n"  # the in-training samples' prompt
+    sample_tokens: int = 200  # tokens per in-training sample
     plot: bool = True  # write plots/metrics.png at the end of training
 
     def __post_init__(self) -> None:
@@ -108,6 +111,14 @@ class TrainLoopConfig:
                 f"={self.eval_interval}",
                 "HellaSwag is scored at evaluations: use a multiple of eval_interval, or null",
             )
+        if self.sample_interval is not None:
+            require(
+                self.sample_interval >= 1 and self.sample_interval % self.eval_interval == 0,
+                f"train.sample_interval={self.sample_interval} is not a multiple of train.eval_interval"
+                f"={self.eval_interval}",
+                "samples are written at evaluations: use a multiple of eval_interval, or null",
+            )
+        require(self.sample_tokens >= 1, "train.sample_tokens must be >= 1", "e.g. train.sample_tokens=200")
         examples = self.hellaswag_examples
         require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
         require(self.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
@@ -166,16 +177,19 @@ class TrainConfig:
 
 @dataclass
 class BenchSampleConfig:
-    model: GPTConfig
-    ckpt: Optional[str]
-    vocab_size: int
-    prompt_tokens: int
-    max_new_tokens: int
-    num_samples: int
-    repeats: int
-    device: str
-    dtype: str
-    seed: int
+    """scripts/bench_sample.py: generation with the KV cache against recomputing the context, greedy, on one model
+    (a checkpoint, or `model` with random weights), alternated A B A B; both must produce the same tokens."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    ckpt: Optional[str] = None  # a checkpoint or run directory to sample from (null: `model` with random weights)
+    vocab_size: int = 65  # vocabulary of the random model (65: Shakespeare's characters)
+    prompt_tokens: int = 16  # random prompt length
+    max_new_tokens: int = 500  # tokens generated per sample and mode
+    num_samples: int = 1  # sequences generated together (the batch)
+    repeats: int = 2  # rounds, each running both modes
+    device: str = "cpu"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "float32"  # float32, bfloat16, float16 (auto: bfloat16 on GPUs)
+    seed: int = 1337  # random weights and prompt
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
@@ -238,4 +252,5 @@ def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
 
 store = ConfigStore.instance()
 store.store(group="schema", name="train", node=TrainConfig)
+store.store(group="schema", name="bench_sample", node=BenchSampleConfig)
 store.store(group="schema/model", name="default", node=GPTConfig)

@@ -22,7 +22,7 @@ from hydragpt.data.loader import Prefetcher, SequentialBatchLoader, build_train_
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
 from hydragpt.engine.checkpointer import Checkpointer, TrainState
 from hydragpt.engine.distributed import DistEnv
-from hydragpt.engine.evaluators import Evaluator, HellaswagAccuracy, SplitLoss
+from hydragpt.engine.evaluators import Evaluator, HellaswagAccuracy, SplitLoss, TextSamples
 from hydragpt.engine.metrics import peak_flops
 from hydragpt.engine.preemption import StopSignals
 from hydragpt.engine.system import resolve_device, resolve_dtype, seed_everything
@@ -122,6 +122,21 @@ def build_trainer(
     if t.hellaswag_interval:
         examples = load_hellaswag(cfg.hellaswag, env)[: t.hellaswag_examples]
         evaluators.append(HellaswagAccuracy(examples, data.tokenizer, t.hellaswag_interval, device, dtype, env))
+    if t.sample_interval:
+        evaluators.append(
+            TextSamples(
+                model,
+                data.tokenizer,
+                t.sample_start,
+                t.sample_tokens,
+                t.sample_interval,
+                cfg.system.seed,
+                run_dir / "samples",
+                device,
+                dtype,
+                env,
+            )
+        )
 
     def open_loggers(train: TrainState) -> list[MetricsLogger]:
         if not env.is_main:

@@ -2,13 +2,18 @@
 
 - `SplitLoss`: the mean loss over `eval_iters` fixed batches of each split (the same windows every time).
 - `HellaswagAccuracy`: HellaSwag acc and acc_norm, at the evaluations whose step is a multiple of its interval.
+- `TextSamples`: a continuation of a fixed prompt, written to samples/iter_<step>.txt and the log, so a run
+  shows what its model says as it learns; it adds no numbers.
 
-Both run on every rank (each takes its share and the sums are all-reduced) with the model in eval mode.
+Each runs on every rank with the model in eval mode: the losses take a share each and all-reduce the sums;
+sampling runs on every rank in lockstep, which FSDP's sharded forward needs, and rank 0 writes.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +25,10 @@ from hydragpt.data.tokenizer import Tokenizer
 from hydragpt.engine.distributed import DistEnv, all_reduce
 from hydragpt.engine.system import autocast
 from hydragpt.evaluation import hellaswag_scores
+from hydragpt.model import GPT
+from hydragpt.sampling import Settings, complete
+
+log = logging.getLogger("hydragpt.train")
 
 
 class Evaluator(Protocol):
@@ -73,3 +82,34 @@ class HellaswagAccuracy:
         with autocast(self.device, self.dtype):
             scores, _ = hellaswag_scores(model, self.tokenizer, self.examples, self.env, progress=False)
         return {"hellaswag_acc": scores["acc"], "hellaswag_acc_norm": scores["acc_norm"]}
+
+
+@dataclass
+class TextSamples:
+    """Sampling settings are sample.py's defaults (temperature 0.8, top_k 200) with a generator seeded the same
+    at every evaluation: the same prompt and seed show how one model's answer changes, and the training RNG
+    is left untouched, so a run with samples trains exactly like one without."""
+
+    model: GPT  # the bare model: generation grows its context one token at a time, which compiling would chase
+    tokenizer: Tokenizer
+    prompt: str
+    max_new_tokens: int
+    interval: int
+    seed: int
+    out_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    env: DistEnv
+
+    def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
+        if step % self.interval and not final:
+            return {}
+        settings = Settings(self.max_new_tokens, temperature=0.8, top_k=200, top_p=None, stop=[], use_cache=True)
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        prompt_ids = self.tokenizer.encode(self.prompt)
+        (text,) = complete(self.model, self.tokenizer, prompt_ids, 1, settings, generator, self.dtype)
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / f"iter_{step:06d}.txt").write_text(self.prompt + text, encoding="utf-8")
+            log.info("sample at iter %d:\n%s%s", step, self.prompt, text)
+        return {}
