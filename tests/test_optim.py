@@ -121,3 +121,9 @@ def test_muon_and_wsd_compose_from_their_options() -> None:
     assert isinstance(cfg.lr, WarmupStableDecay) and cfg.lr.decay_ratio == 0.5
     with pytest.raises(UserError, match=r"unknown optim\.adjust_lr_fn .fast."):
         train_config(compose_config("train", ["optim=muon", "optim.adjust_lr_fn=fast"]))
+
+
+def test_muon_on_a_torch_without_it_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(UserError, match=r"optim=muon needs torch.optim.Muon, which torch .* lacks"):
+        train_config(compose_config("train", ["optim=muon"]))

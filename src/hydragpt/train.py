@@ -33,7 +33,7 @@ from hydragpt.engine.run_lock import RunLock
 from hydragpt.engine.trainer import Trainer
 from hydragpt.errors import UserError, composition_error, exit_on_user_error
 from hydragpt.model import GPTConfig
-from hydragpt.train_config import train_config
+from hydragpt.train_config import OPTION_GROUPS, train_config
 
 log = logging.getLogger("hydragpt.train")
 
@@ -154,9 +154,11 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig) -> Trainer:
     if cfg.resume:
         resume_from = load_checkpoint(cfg.resume, require=RESUME_KEYS)
         overrides = list(hydra_cfg.overrides.task)
-        # keys this version added since the run was saved take today's defaults
+        # keys this version added since the run was saved take today's defaults; a component option is the
+        # saved one whole (today's default option may be another class, whose keys it would not take)
         saved = OmegaConf.to_container(OmegaConf.merge(run_config, resume_from["config"]))
         assert isinstance(saved, dict)
+        saved.update({key: resume_from["config"][key] for key in (*OPTION_GROUPS, "logger")})
         run_config = apply_resume_overrides({**saved, "resume": cfg.resume}, resume_from["config_choices"], overrides)
     typed = train_config(run_config, distributed.launched_env().world_size)
     # From here to the end the stop signals only raise a flag: one arriving while the job still sets up

@@ -108,6 +108,11 @@ class Muon:
             {key: getattr(self, key) for key in (*numbers, "adamw_beta1", "adamw_beta2", "adamw_eps")},
             examples={"lr": "0.02", "embedding_lr": "0.006", "vector_lr": "0.006", "adamw_eps": "1e-10"},
         )
+        require(
+            hasattr(torch.optim, "Muon"),
+            f"optim=muon needs torch.optim.Muon, which torch {torch.__version__} lacks",
+            "install torch 2.9 or later (make install TORCH=torch>=2.9), or use optim=adamw",
+        )
         require(1 <= self.ns_steps < 100, f"optim.ns_steps must be in [1, 100), got {self.ns_steps}", "e.g. 5")
         require(
             self.adjust_lr_fn in MUON_LR_ADJUSTMENTS,
