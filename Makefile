@@ -32,7 +32,7 @@ sample: install
 	$(BIN)/python scripts/sample.py ckpt=latest $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-all: install
 	$(BIN)/python -m pytest -q
