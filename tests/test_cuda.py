@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydragpt.engine.optim import AdamW, step_if_finite
+from hydragpt.engine.optim import AdamW, Muon, step_if_finite
 from hydragpt.model import GPT, GPTConfig
 from tests.helpers import run_script, torchrun
 
@@ -52,6 +52,19 @@ def test_fused_adamw_skips_a_nonfinite_step_on_the_gpu() -> None:
         p.grad = torch.full_like(p, float("nan"))
     step_if_finite(optimizer, torch.ones((), device="cuda"))
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_muon_undoes_a_nonfinite_step_on_the_gpu() -> None:
+    model = GPT(CFG).cuda()
+    optimizers = Muon().build(model, torch.device("cuda"))
+    weights = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    for optimizer in optimizers:
+        step_if_finite(optimizer, torch.ones((), device="cuda"))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    momentum = [s["momentum_buffer"] for s in optimizers[0].state.values()]
+    assert momentum and all(not m.any() for m in momentum)  # as if never stepped
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from hydragpt.engine.optim import AdamW, Muon, step_if_finite
+from hydragpt.engine.optim import AdamW, Muon, step_if_finite, undo_step_if
 from hydragpt.engine.schedule import Constant, Cosine, WarmupStableDecay, set_lr
 from hydragpt.errors import UserError
 from hydragpt.model import GPT, GPTConfig
@@ -80,6 +80,30 @@ def test_step_if_finite_applies_finite_steps_only(fused: bool) -> None:
     for optimizer in optimizers:
         step_if_finite(optimizer, torch.ones(()))
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+def test_a_step_undone_on_the_device_leaves_no_trace() -> None:
+    """What the GPU does for Muon and non-fused AdamW: a poisoned step (the first, which creates the state, and
+    a later one) is undone, and the finite steps around it match an optimizer that never saw it."""
+    model, reference = GPT(CFG), GPT(CFG)
+    reference.load_state_dict(model.state_dict())
+    optimizers, expected = Muon(fused=False).build(model, CPU), Muon(fused=False).build(reference, CPU)
+    for step, poisoned in enumerate((True, False, True, False)):
+        torch.manual_seed(step)
+        for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+            r.grad = torch.randn_like(r)
+            p.grad = r.grad.clone()
+            if poisoned:
+                p.grad[0] = float("nan")
+        for optimizer in optimizers:
+            undo_step_if(optimizer, torch.tensor(float(poisoned)))
+        if not poisoned:
+            for optimizer in expected:
+                optimizer.step()
+    assert all(torch.equal(p, r) for p, r in zip(model.parameters(), reference.parameters(), strict=True))
+    for optimizer, other in zip(optimizers, expected, strict=True):
+        states = zip(optimizer.state.values(), other.state.values(), strict=True)
+        assert all(torch.equal(state[key], value) for state, theirs in states for key, value in theirs.items())
 
 
 def test_cosine_warms_up_then_decays_to_its_floor() -> None:

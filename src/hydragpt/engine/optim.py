@@ -144,13 +144,43 @@ class Muon:
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
-    """Step unless `nonfinite` (a 0/1 float on the device) is set: fused optimizers skip the update on the
-    device, without the host waiting for it; the others need the flag on the host first."""
+    """Step unless `nonfinite` (a 0/1 float on the device) is set, without the host waiting for the device:
+    fused optimizers skip the update in their kernels; the others step and then put back what the step
+    changed (`undo_step_if`). On the CPU the host is the device, so reading the flag waits for nothing."""
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.found_inf = nonfinite  # type: ignore[attr-defined]  # read by the fused kernels
         optimizer.step()
-    elif not nonfinite.item():
-        optimizer.step()
+    elif nonfinite.device.type == "cpu":
+        if not nonfinite.item():
+            optimizer.step()
+    else:
+        undo_step_if(optimizer, nonfinite)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP parameter (a DTensor), or the tensor itself: the storage updated in place."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+@torch.no_grad()
+def undo_step_if(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """Step, then where `nonfinite` is set restore the parameters and state from before it; state the step
+    created (a first step's momentum) goes back to zeros, as optimizers create it. Costs a copy of the
+    parameters and state on the device instead of a wait for it (state kept on the host, as a non-fused
+    AdamW's step counts, still waits)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    existing = [v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    before = [(_local(t), _local(t).clone()) for t in (*params, *existing)]
+    optimizer.step()
+    kept = {id(t) for t in existing}
+    created = [v for p in params for v in optimizer.state[p].values() if torch.is_tensor(v) and id(v) not in kept]
+    before += [(_local(t), torch.zeros_like(_local(t))) for t in created]
+    skip = {nonfinite.device: nonfinite.bool()}
+    for tensor, old in before:
+        if tensor.device not in skip:
+            skip[tensor.device] = skip[nonfinite.device].to(tensor.device)
+        tensor.copy_(torch.where(skip[tensor.device], old, tensor))
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
