@@ -17,8 +17,29 @@ from hydragpt.engine.optim import Muon
 from hydragpt.engine.preemption import StopSignals
 from hydragpt.engine.trainer import Trainer, TrainingDiverged
 from hydragpt.model import GPT
+from hydragpt.registry import option
 from hydragpt.train_config import TrainConfig, train_config
 from tests.helpers import compose_config
+
+
+@option("optim", "sgd")
+class PlainSGD:
+    """An optimizer no file under src/ knows: this class and a YAML the test writes are all it takes."""
+
+    lr: float = 0.1  # peak learning rate
+
+    def build(self, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD([{"params": list(model.parameters()), "lr": self.lr, "initial_lr": self.lr}])]
+
+
+@option("lr", "halving")
+class Halving:
+    """A schedule no file under src/ knows: the lr halves every `every` steps."""
+
+    every: int = 2  # steps between halvings
+
+    def factor(self, step: int, total_steps: int) -> float:
+        return 0.5 ** (step // self.every)
 
 
 def debug_config(data_dir: Path, *overrides: str) -> tuple[TrainConfig, dict]:
@@ -62,6 +83,22 @@ def test_resume_continues_bitwise(data_dir: Path, tmp_path: Path, optim: str) ->
     assert resumed.state.step == 6
     resumed.fit()
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # every step, to the last bit
+
+
+def test_an_optimizer_or_a_schedule_is_one_class_and_one_yaml(data_dir: Path, tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    for group, name in (("optim", "sgd"), ("lr", "halving")):
+        (conf / group).mkdir(parents=True)
+        (conf / group / f"{name}.yaml").write_text(f"defaults:\n  - /schema/{group}/{name}@_here_\n  - _self_\n")
+    common = (f"hydra.searchpath=[file://{conf}]", "optim=sgd", "lr=halving", "optim.lr=0.05", "train.eval_interval=2")
+    trainer = build(data_dir, tmp_path / "run", *common, "train.max_iters=4")
+    assert [type(o).__name__ for o in trainer.optimizers] == ["SGD"]
+    assert [trainer.schedule(step) for step in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    trainer.fit()
+    resumed = build(data_dir, tmp_path / "run", *common, "train.max_iters=6", resume=True)
+    assert resumed.state.step == 4 and resumed.optimizers[0].param_groups[0]["lr"] == 0.05 * 0.25
+    resumed.fit()
+    assert sorted(losses(tmp_path / "run")) == list(range(6))
 
 
 def test_in_training_samples_are_written_and_leave_training_unchanged(data_dir: Path, tmp_path: Path) -> None:
