@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydragpt.config import bench_prepare_config, export_config
+from hydragpt.config import bench_prepare_config, eval_config, export_config, sample_config
 from hydragpt.engine.checkpoint import RESUME_KEYS, load_checkpoint, save_checkpoint
 from hydragpt.errors import UserError
 from hydragpt.evaluation import read_hellaswag
@@ -216,13 +216,13 @@ def test_unusable_hellaswag_files(tmp_path: Path) -> None:
 
 
 def test_output_files_are_checked_before_the_work(trained_run: Path, tmp_path: Path) -> None:
-    for script in ("sample", "eval"):
-        result = run_script(script, f"ckpt={trained_run}", f"out={tmp_path}")
-        assert_user_error(result, f"out={tmp_path} is a directory")
-        assert "sampling from" not in result.stderr and "evaluating" not in result.stderr
+    """Checked with the config, before a checkpoint is loaded; a path whose directories are missing is fine."""
+    for config, check in (("sample", sample_config), ("eval", eval_config)):
+        with pytest.raises(UserError, match=f"out={re.escape(str(tmp_path))} is a directory"):
+            check(compose_config(config, [f"ckpt={trained_run}", f"out={tmp_path}"]))
     (tmp_path / "file").write_text("")
-    result = run_script("sample", f"ckpt={trained_run}", f"out={tmp_path / 'file' / 'samples.txt'}")
-    assert_user_error(result, f"{tmp_path / 'file'} is not a writable directory")
+    with pytest.raises(UserError, match=f"{re.escape(str(tmp_path / 'file'))} is not a writable directory"):
+        sample_config(compose_config("sample", [f"ckpt={trained_run}", f"out={tmp_path / 'file' / 'samples.txt'}"]))
     nested = tmp_path / "new" / "dir" / "samples.txt"
     result = run_script("sample", f"ckpt={trained_run}", f"out={nested}", "max_new_tokens=5", "num_samples=1")
     assert result.returncode == 0 and nested.is_file(), result.stderr

@@ -83,13 +83,13 @@ def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return losses
 
 
-@pytest.mark.parametrize("kills", [4, pytest.param(20, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kills", [2, pytest.param(20, marks=pytest.mark.slow)])
 def test_kill_9_at_random_instants_then_resume(
     data_dir: Path, tmp_path: Path, reference: dict[int, float], kills: int
 ) -> None:
     """SIGKILL at `kills` instants of one run (half of them while a checkpoint is being written): each time
     last.pt loads and `resume=` continues; the finished run has the uninterrupted run's losses (to float32
-    rounding). The 20-kill chain is slow; 4 kills keep the behaviour in the fast suite."""
+    rounding). The 20-kill chain is slow; 2 kills (one while writing) keep the behaviour in the fast suite."""
     rng = random.Random(6)
     run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"
     ckpt_dir = last.parent

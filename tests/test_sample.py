@@ -106,16 +106,21 @@ def test_window_restarts_from_the_last_half_block() -> None:
     assert all(n - window_start(n, 8) <= 8 for n in range(1, 100))
 
 
-def test_cached_and_uncached_greedy_agree_past_block_size() -> None:
-    """baby_char's shape with random weights scaled up (so the tokens vary instead of repeating one),
-    300 tokens past its 256-token block: both paths re-prefill the same windows and pick the same tokens."""
+@pytest.mark.parametrize(
+    ("n_layer", "n_embd", "block_size"),
+    [(2, 64, 64), pytest.param(6, 384, 256, marks=pytest.mark.slow)],  # a small model, and baby_char's shape
+)
+def test_cached_and_uncached_greedy_agree_past_block_size(n_layer: int, n_embd: int, block_size: int) -> None:
+    """Random weights scaled up (so the tokens vary instead of repeating one), generating past the block
+    for more than a block: both paths re-prefill the same windows and pick the same tokens."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False)).eval()
+    shape = GPTConfig(n_layer=n_layer, n_head=n_layer, n_embd=n_embd, block_size=block_size, vocab_size=65, bias=False)
+    model = GPT(shape).eval()
     with torch.no_grad():
         for weight in (p for p in model.parameters() if p.dim() == 2):
             weight.normal_(0, 2 / weight.shape[1] ** 0.5)
     prompt = torch.randint(65, (1, 16))
-    new_tokens = 256 - 16 + 300
+    new_tokens = block_size - 16 + block_size + block_size // 5
     cached, uncached = (
         torch.cat(list(generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)), dim=1)
         for use_cache in (True, False)
