@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import logging
+import os
+import runpy
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import hydragpt.train_config  # noqa: F401  (registers the config schemas that conf/ extends)
@@ -32,15 +44,86 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
         return compose(config_name=config_name, overrides=overrides or [])
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run scripts/<script>.py as a user would, capturing its output."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / f"{script}.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd or REPO,
-        timeout=timeout,
-    )
+# This process forks the scripts, and a forked child cannot use a pool of OpenMP threads that its parent
+# started: the tests' own computations run on one thread, and each script gets torch's default count.
+SCRIPT_THREADS = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run scripts/<script>.py as a user would (its own process, arguments, working directory, output and
+    exit status), in a child forked from this process: a fresh interpreter spends ~4 of a tiny run's 5
+    seconds importing torch, whose optimizers import TorchDynamo, which this process has done once. With
+    `env`, a fresh interpreter in that environment (what acts at start-up, like PYTHONPATH's sitecustomize)."""
+    argv = [str(REPO / "scripts" / f"{script}.py"), *args]
+    if env is not None:
+        return subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout, env=env
+        )
+    _import_once()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            _run_as_main(argv, cwd or REPO, out.fileno(), err.fileno())
+        returncode = _wait(pid, argv, timeout)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = (f.read().decode("utf-8", errors="replace") for f in (out, err))
+    return subprocess.CompletedProcess([sys.executable, *argv], returncode, stdout, stderr)
+
+
+@functools.cache
+def _import_once() -> None:
+    import torch._dynamo  # noqa: F401
+
+    import hydragpt.evaluation
+    import hydragpt.sampling
+    import hydragpt.train  # noqa: F401
+
+
+def _run_as_main(argv: list[str], cwd: Path, out: int, err: int) -> NoReturn:
+    """In the forked child: what `python <script> <args>` would do from `cwd`, then exit with its status."""
+    code = 1
+    try:
+        os.chdir(cwd)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115
+        sys.argv = argv
+        torch.set_num_threads(SCRIPT_THREADS)
+        atexit._clear()  # the parent's exit handlers are not this process's
+        logging.getLogger().handlers.clear()  # pytest's capture handlers
+        GlobalHydra.instance().clear()
+        runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as ex:
+        code = ex.code if isinstance(ex.code, int) else 0 if ex.code is None else 1
+        if isinstance(ex.code, str):
+            print(ex.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait(pid: int, argv: list[str], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        time.sleep(0.005)
 
 
 def torchrun(

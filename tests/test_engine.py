@@ -85,6 +85,23 @@ def test_resume_continues_bitwise(data_dir: Path, tmp_path: Path, optim: str) ->
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # every step, to the last bit
 
 
+def test_resume_after_a_kill_rewrites_the_lost_steps(data_dir: Path, tmp_path: Path) -> None:
+    """Metrics logged after the last checkpoint are dropped on resume and made again: no duplicates."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    build(data_dir, straight, "train.max_iters=8", "train.eval_interval=4").fit()
+    build(data_dir, killed, "train.max_iters=4", "train.eval_interval=4").fit()
+    with open(killed / "metrics.jsonl", "a") as f:  # what a process killed at iter 6 had logged past step 4
+        f.write(json.dumps({"iter": 4, "loss": 9.0}) + "\n" + json.dumps({"iter": 5, "loss": 9.0}) + "\n")
+    build(data_dir, killed, "train.max_iters=8", "train.eval_interval=4", resume=True).fit()
+
+    def records(run_dir: Path) -> tuple[list[tuple[int, float]], list[int]]:
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iter"], r["loss"]) for r in lines if "loss" in r], [r["iter"] for r in lines if "val_loss" in r]
+
+    assert records(killed) == records(straight)
+    assert records(killed)[1] == [0, 4, 8]
+
+
 def test_an_optimizer_or_a_schedule_is_one_class_and_one_yaml(data_dir: Path, tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     for group, name in (("optim", "sgd"), ("lr", "halving")):

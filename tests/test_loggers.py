@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pty
 import subprocess
 import sys
@@ -66,9 +67,7 @@ def test_every_tracker_at_once_and_resume(train_run, tmp_path: Path, wandb_offli
     assert first.exit_code == second.exit_code == third.exit_code == 0
 
 
-def test_one_offline_wandb_run_per_sweep_job(
-    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wandb_offline: None
-) -> None:
+def test_one_offline_wandb_run_per_sweep_job(data_dir: Path, tmp_path: Path, wandb_offline: None) -> None:
     """Acceptance: each job gets its own wandb run with its own metrics, the sweep as group; a job that
     fails still finishes its wandb run (exit code 1) and the next job starts a fresh one."""
     inject = tmp_path / "inject"
@@ -82,7 +81,6 @@ def test_one_offline_wandb_run_per_sweep_job(
         "    return step(self)\n"
         "trainer.Trainer.train_step = failing\n"
     )
-    monkeypatch.setenv("PYTHONPATH", str(inject))
     result = run_script(
         "train",
         "-m",
@@ -93,6 +91,7 @@ def test_one_offline_wandb_run_per_sweep_job(
         "train.max_iters=6",
         "train.eval_interval=3",
         "optim.lr=1e-2,2e-3,5e-3",  # job 1 fails at iteration 3
+        env={**os.environ, "PYTHONPATH": str(inject)},
     )
     assert result.returncode != 0 and "injected failure" in result.stderr
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")

@@ -129,6 +129,7 @@ def test_cached_and_uncached_greedy_agree_past_block_size(n_layer: int, n_embd: 
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.slow  # fast: the same agreement in-process above, and bench_sample.py's check of it below
 def test_sample_script_with_and_without_cache(trained_run: Path) -> None:
     with_cache = sample(trained_run, "temperature=0", "num_samples=2", "max_new_tokens=100", "use_cache=true")
     assert sample(trained_run, "temperature=0", "num_samples=2", "max_new_tokens=100", "use_cache=false") == with_cache

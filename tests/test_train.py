@@ -187,20 +187,6 @@ def test_gradient_accumulation_matches_the_larger_batch(train_run, tmp_path: Pat
     assert len(losses_a) == 5 and losses_a == pytest.approx(losses_b, rel=1e-5)
 
 
-def test_resume_after_a_kill_rewrites_the_lost_steps(train_run, tmp_path: Path) -> None:
-    """Metrics logged after the last checkpoint are dropped on resume and made again: no duplicates."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train_run("train.max_iters=8", "train.eval_interval=4", run_dir=straight).returncode == 0
-    assert train_run("train.max_iters=4", "train.eval_interval=4", run_dir=killed).returncode == 0
-    with open(killed / "metrics.jsonl", "a") as f:  # what a process killed at iter 6 had logged past step 4
-        f.write(json.dumps({"iter": 4, "loss": 9.0}) + "\n" + json.dumps({"iter": 5, "loss": 9.0}) + "\n")
-    result = train_run(f"resume={killed}", "train.max_iters=8", run_dir=killed)
-    assert result.returncode == 0, result.stderr
-    (steps, evals), (straight_steps, straight_evals) = read_metrics(killed), read_metrics(straight)
-    assert [(r["iter"], r["loss"]) for r in steps] == [(r["iter"], r["loss"]) for r in straight_steps]
-    assert [r["iter"] for r in evals] == [r["iter"] for r in straight_evals] == [0, 4, 8]
-
-
 def test_resume_without_last_checkpoint_uses_best(train_run, tmp_path: Path) -> None:
     """always_save_checkpoint=false writes last.pt only at the end: an interrupted run resumes from best.pt."""
     run = tmp_path / "run"
