@@ -56,7 +56,8 @@ def run_script(
     """Run scripts/<script>.py as a user would (its own process, arguments, working directory, output and
     exit status), in a child forked from this process: a fresh interpreter spends ~4 of a tiny run's 5
     seconds importing torch, whose optimizers import TorchDynamo, which this process has done once. With
-    `env`, a fresh interpreter in that environment (what acts at start-up, like PYTHONPATH's sitecustomize)."""
+    `env`, a fresh interpreter in that environment, for what a fork of pytest cannot stand in for: start-up
+    hooks (PYTHONPATH's sitecustomize), launchers that pickle the job for processes of their own (submitit)."""
     argv = [str(REPO / "scripts" / f"{script}.py"), *args]
     if env is not None:
         return subprocess.run(

@@ -248,7 +248,8 @@ def test_submitit_tasks_train_like_torchrun_ranks(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A sweep job run by submitit as 2 tasks (its local executor stands in for SLURM) trains exactly as
-    the same run under torchrun with 2 ranks: the tasks found their ranks and each other."""
+    the same run under torchrun with 2 ranks: the tasks found their ranks and each other. A fresh
+    interpreter: submitit pickles the job for processes of its own, which must not need pytest's modules."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun sets it for its ranks
     common = [
         *DEBUG_RUN,
@@ -267,6 +268,7 @@ def test_submitit_tasks_train_like_torchrun_ranks(
         "optim.lr=1e-2",
         cwd=tmp_path,
         timeout=600,
+        env=dict(os.environ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
