@@ -58,9 +58,10 @@ def run_script(
     seconds importing torch, whose optimizers import TorchDynamo, which this process has done once. With
     `env`, a fresh interpreter in that environment, for what a fork of pytest cannot stand in for: start-up
     hooks (PYTHONPATH's sitecustomize), launchers that pickle the job for processes of their own (submitit).
-    Once this process has used CUDA, which a forked child cannot use again, every script gets one too."""
+    On a machine with CUDA, whose driver a forked child cannot use once its parent asked for it, every
+    script gets a fresh interpreter too."""
     argv = [str(REPO / "scripts" / f"{script}.py"), *args]
-    if env is not None or torch.cuda.is_initialized():
+    if env is not None or torch.cuda.is_available():
         return subprocess.run(
             [sys.executable, *argv], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout, env=env
         )
