@@ -43,6 +43,16 @@ from hydragpt.model import GPTConfig
 OPTION_GROUPS = ("optim", "lr", "ddp")  # groups whose options are classes (`_target_`), besides the logger's trackers
 
 
+def at_evaluations(key: str, interval: Optional[int], eval_interval: int, what: str) -> None:
+    """An interval of something done at evaluations (`what` happens then) is null or a multiple of theirs."""
+    if interval is not None:
+        require(
+            interval >= 1 and interval % eval_interval == 0,
+            f"{key}={interval} is not a multiple of train.eval_interval={eval_interval}",
+            f"{what} at evaluations: use a multiple of eval_interval, or null",
+        )
+
+
 @dataclass
 class TrainLoopConfig:
     """How long and how a run trains, evaluates and logs."""
@@ -104,20 +114,8 @@ class TrainLoopConfig:
             require(
                 self.init_from != "scratch", "train.crop_block_size only applies with train.init_from", "or set it null"
             )
-        if self.hellaswag_interval is not None:
-            require(
-                self.hellaswag_interval >= 1 and self.hellaswag_interval % self.eval_interval == 0,
-                f"train.hellaswag_interval={self.hellaswag_interval} is not a multiple of train.eval_interval"
-                f"={self.eval_interval}",
-                "HellaSwag is scored at evaluations: use a multiple of eval_interval, or null",
-            )
-        if self.sample_interval is not None:
-            require(
-                self.sample_interval >= 1 and self.sample_interval % self.eval_interval == 0,
-                f"train.sample_interval={self.sample_interval} is not a multiple of train.eval_interval"
-                f"={self.eval_interval}",
-                "samples are written at evaluations: use a multiple of eval_interval, or null",
-            )
+        at_evaluations("train.hellaswag_interval", self.hellaswag_interval, self.eval_interval, "HellaSwag is scored")
+        at_evaluations("train.sample_interval", self.sample_interval, self.eval_interval, "samples are written")
         require(self.sample_tokens >= 1, "train.sample_tokens must be >= 1", "e.g. train.sample_tokens=200")
         examples = self.hellaswag_examples
         require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
@@ -166,13 +164,9 @@ class TrainConfig:
             "train.epochs needs data.sampling=sequential (random windows have no epochs)",
             "set data.sampling=sequential, or use train.max_iters / train.max_tokens",
         )
-        keep_every, eval_interval = self.checkpoint.keep_every, self.train.eval_interval
-        if keep_every is not None:
-            require(
-                keep_every >= 1 and keep_every % eval_interval == 0,
-                f"checkpoint.keep_every={keep_every} is not a multiple of train.eval_interval={eval_interval}",
-                "checkpoints are written at evaluations: use a multiple of eval_interval, or null",
-            )
+        at_evaluations(
+            "checkpoint.keep_every", self.checkpoint.keep_every, self.train.eval_interval, "checkpoints are written"
+        )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from hydragpt.config import SampleConfig
 from hydragpt.data.dataset import SPLITS, TokenDataset
 from hydragpt.data.loader import evaluation_batches
 from hydragpt.data.tokenizer import Tokenizer
@@ -33,6 +34,11 @@ log = logging.getLogger("hydragpt.train")
 
 class Evaluator(Protocol):
     def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]: ...
+
+
+def due(step: int, interval: int, final: bool) -> bool:
+    """An evaluator with its own interval runs at the evaluations whose step is a multiple of it, and the last."""
+    return step % interval == 0 or final
 
 
 @dataclass
@@ -77,7 +83,7 @@ class HellaswagAccuracy:
     env: DistEnv
 
     def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
-        if step % self.interval and not final:
+        if not due(step, self.interval, final):
             return {}
         with autocast(self.device, self.dtype):
             scores, _ = hellaswag_scores(model, self.tokenizer, self.examples, self.env, progress=False)
@@ -86,9 +92,9 @@ class HellaswagAccuracy:
 
 @dataclass
 class TextSamples:
-    """Sampling settings are sample.py's defaults (temperature 0.8, top_k 200) with a generator seeded the same
-    at every evaluation: the same prompt and seed show how one model's answer changes, and the training RNG
-    is left untouched, so a run with samples trains exactly like one without."""
+    """Sampling settings are sample.py's defaults (SampleConfig's temperature, top_k, top_p) with a generator
+    seeded the same at every evaluation: the same prompt and seed show how one model's answer changes, and
+    the training RNG is left untouched, so a run with samples trains exactly like one without."""
 
     model: GPT  # the bare model: generation grows its context one token at a time, which compiling would chase
     tokenizer: Tokenizer
@@ -102,9 +108,10 @@ class TextSamples:
     env: DistEnv
 
     def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
-        if step % self.interval and not final:
+        if not due(step, self.interval, final):
             return {}
-        settings = Settings(self.max_new_tokens, temperature=0.8, top_k=200, top_p=None, stop=[], use_cache=True)
+        defaults = SampleConfig
+        settings = Settings(self.max_new_tokens, defaults.temperature, defaults.top_k, defaults.top_p, [], True)
         generator = torch.Generator(self.device).manual_seed(self.seed)
         prompt_ids = self.tokenizer.encode(self.prompt)
         (text,) = complete(self.model, self.tokenizer, prompt_ids, 1, settings, generator, self.dtype)
