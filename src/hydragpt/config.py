@@ -10,8 +10,10 @@ back plain objects, or a `UserError` that names the bad value and how to fix it,
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -32,6 +34,7 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 VAL_SPLITS = ("tail", "docs", "head")
 SAMPLING = ("random", "sequential")
 SAMPLE_FORMATS = ("text", "jsonl")
+MAX_NEW_TOKENS = 1_000_000  # per sample and call: an hour or more of generation on a CPU, a few MB of text
 # Signals that may stop training with a checkpoint (SIGKILL and SIGSTOP cannot be caught); those a
 # platform lacks (SIGUSR1 on Windows) are ignored there.
 STOPPABLE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
@@ -230,13 +233,39 @@ def to_dataclass(cfg: DictConfig | dict[str, Any], schema: type[Schema]) -> Sche
     `UserError` like the others."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        typed = OmegaConf.to_object(merged)
     except ValueError as ex:
         if len(ex.args) != 2:
             raise
         raise UserError(*ex.args) from ex
     except OmegaConfBaseException as ex:
         raise invalid_value(ex) from ex
+    check_numbers(typed)
+    return typed  # type: ignore[return-value]
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_numbers(node: Any, key: str = "", fix: str = "") -> None:
+    """Every number in a config is finite, not negative, and an integer fits in 64 bits: no knob means
+    anything else, whatever its own checks (which narrow its range further) forgot. Walks dataclasses,
+    dicts and lists; `fix` suggests the knob's default."""
+    if is_dataclass(node):
+        for f in fields(node):
+            name = f"{key}.{f.name}".lstrip(".")
+            fix = f"e.g. its default, {name}={f.default}" if f.default not in (NO_DEFAULT, None) else ""
+            check_numbers(getattr(node, f.name), name, fix or f"or {name}=null for the default")
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            check_numbers(value, f"{key}.{name}".lstrip("."), fix)
+    elif isinstance(node, list):
+        for value in node:
+            check_numbers(value, key, "give non-negative numbers")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        require(not isinstance(node, float) or math.isfinite(node), f"{key}={node} is not a finite number", fix)
+        require(node >= 0, f"{key} must be >= 0, got {node}", fix)
+        require(node <= INT64_MAX, f"{key}={node} is out of range (integers must fit in 64 bits)", fix)
 
 
 def invalid_value(ex: OmegaConfBaseException) -> UserError:
@@ -284,7 +313,11 @@ def validate_tokenizer(name: str, key: str) -> None:
 def sample_config(cfg: DictConfig) -> SampleConfig:
     typed = to_dataclass(cfg, SampleConfig)
     require(typed.num_samples >= 1, f"num_samples must be >= 1, got {typed.num_samples}", "e.g. num_samples=3")
-    require(typed.max_new_tokens >= 0, "max_new_tokens must be >= 0", "e.g. max_new_tokens=500")
+    require(
+        typed.max_new_tokens <= MAX_NEW_TOKENS,
+        f"max_new_tokens={typed.max_new_tokens} is more than sample.py generates in one call ({MAX_NEW_TOKENS:,})",
+        "ask for fewer, or sample several times with different seeds",
+    )
     require(
         typed.temperature >= 0,
         f"temperature must be >= 0, got {typed.temperature}",
@@ -350,6 +383,16 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
 def export_config(cfg: DictConfig) -> ExportConfig:
     typed = to_dataclass(cfg, ExportConfig)
     require(bool(typed.out.strip()), "out= is empty", "name the directory to export to, e.g. out=exported/")
+    return typed
+
+
+def plot_config(cfg: DictConfig) -> PlotConfig:
+    typed = to_dataclass(cfg, PlotConfig)
+    require(
+        (typed.run is None) != (typed.sweep is None),
+        "give exactly one of run=<run dir> and sweep=<multirun dir>",
+        "e.g. run=outputs/<date>/<time>",
+    )
     return typed
 
 

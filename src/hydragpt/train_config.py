@@ -8,12 +8,12 @@ config into these dataclasses, each option an instance of its class, and runs ev
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -202,16 +202,22 @@ def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -
     return t.total_batch_size // per_micro_step
 
 
+def _locate(target: str) -> Any:
+    """The object a dotted `module.Name` path names, or None (quietly, unlike Hydra's own lookup)."""
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+
+
 def _typed_options(cfg: DictConfig) -> None:
     """Each component option's node, typed by the class its `_target_` names (a saved config is plain data)."""
     nodes = [(cfg, group) for group in OPTION_GROUPS] + [(cfg.logger, name) for name in cfg.logger]
     for parent, key in nodes:
         node = parent[key]
         target = node.get("_target_") if isinstance(node, DictConfig) else None
-        try:
-            schema = get_class(target) if isinstance(target, str) else None
-        except (ImportError, ValueError):
-            schema = None
+        schema = _locate(target) if isinstance(target, str) else None
         if schema is None or not is_dataclass(schema):
             where = f"{parent._get_full_key(None)}.{key}".lstrip(".")
             raise UserError(
