@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from hydragpt.config import SampleConfig
+from hydragpt.config import MAX_NEW_TOKENS, SampleConfig
 from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint, load_weights
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
@@ -90,16 +91,18 @@ def generate(
     """
     block_size = model.config.block_size
     origin = max(0, idx.size(1) - block_size)  # a long prompt: its last block
+    dropped = 0  # tokens before idx[:, 0], no longer in any window: memory and time stay flat however long
     cache = KVCache(model.config.n_layer, block_size) if use_cache else None
     cached_from = -1  # where the cached window starts (none yet)
     for _ in range(max_new_tokens):
-        start = window_start(idx.size(1), block_size, origin)
+        start = window_start(dropped + idx.size(1), block_size, origin)
+        idx, dropped = idx[:, start - dropped :], start
         if cache is None:
-            logits, _ = model(idx[:, start:])
+            logits, _ = model(idx)
         elif start != cached_from:  # a new window: prefill it
             cache.reset()
             cached_from = start
-            logits, _ = model(idx[:, start:], cache=cache)
+            logits, _ = model(idx, cache=cache)
         else:
             logits, _ = model(idx[:, -1:], cache=cache)
         logits = logits[:, -1, :].float()
@@ -195,8 +198,12 @@ def complete(
     idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)
     ids: list[list[int]] = [[] for _ in range(num_samples)]
     stopped = [False] * num_samples
-    streamed = 0
-    with autocast(device, dtype):
+    tail = max((len(s) for s in settings.stop), default=0) * 4 + 4  # tokens that can hold a stop string
+    shown, shown_text = 0, ""  # streamed: the first sample's tokens and text so far
+    progress = tqdm(  # long generations show their progress on stderr (short ones never do)
+        total=settings.max_new_tokens, desc="sampling", unit="tok", delay=3, disable=stream is not None
+    )
+    with autocast(device, dtype), progress:
         steps = generate(
             model,
             idx,
@@ -209,21 +216,22 @@ def complete(
             settings.use_cache,
         )
         for token in steps:
+            progress.update()
             for i, new in enumerate(token[:, 0].tolist()):
                 if not stopped[i]:
                     ids[i].append(new)
-                    stopped[i] = bool(settings.stop) and cut_at_stop(tokenizer.decode(ids[i]), settings.stop)[1]
+                    recent = tokenizer.decode(ids[i][-tail:])
+                    stopped[i] = bool(settings.stop) and cut_at_stop(recent, settings.stop)[1]
             if stream is not None and not stopped[0]:
-                text = tokenizer.decode(ids[0])
-                ready = len(text) - _held_back(text, settings.stop)
-                if ready > streamed and not text[:ready].endswith("\ufffd"):  # the rest of a multi-byte char
-                    stream(text[streamed:ready])
-                    streamed = ready
+                pending = tokenizer.decode(ids[0][shown:])  # held back while it may start a stop string
+                if pending and not _held_back(pending, settings.stop) and not pending.endswith("\ufffd"):
+                    stream(pending)
+                    shown, shown_text = len(ids[0]), shown_text + pending
             if all(stopped):
                 break
     texts = [cut_at_stop(tokenizer.decode(i), settings.stop)[0] for i in ids]
     if stream is not None:
-        stream(texts[0][streamed:])
+        stream(texts[0][len(shown_text) :])
     return texts
 
 
@@ -311,8 +319,8 @@ def set_chat_setting(settings: Settings, command: str, value: str) -> None:
             raise UserError(f"temperature must be a number >= 0, got {number}", "0 is greedy, e.g. temp 0.8")
         settings.temperature = number
     else:
-        if number < 1:
-            raise UserError(f"tokens must be >= 1, got {int(number)}", "e.g. tokens 200")
+        if not 1 <= number <= MAX_NEW_TOKENS:
+            raise UserError(f"tokens must be in [1, {MAX_NEW_TOKENS:,}], got {number}", "e.g. tokens 200")
         settings.max_new_tokens = int(number)
     print(f"{'temperature' if command == 'temp' else 'new tokens'}: {number}", file=sys.stderr, flush=True)
 
