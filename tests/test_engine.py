@@ -149,11 +149,29 @@ def test_a_nonfinite_step_between_log_steps_is_never_applied(
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss became inf at iter 7"):
+    with pytest.raises(TrainingDiverged, match=r"loss became inf at iter 7") as diverged:
         trainer.fit()
+    assert f"then resume={tmp_path / 'run'} from its last checkpoint" in str(diverged.value)
     assert trainer.state.step == 10  # found when steps 6..10 were read, before step 10's evaluation
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert load_checkpoint(tmp_path / "run")["step"] == 5
+
+
+def test_divergence_before_any_checkpoint_says_to_start_again(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = build(data_dir, tmp_path / "run", "train.max_iters=20", "train.eval_interval=10")
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        return logits, (loss + math.inf if loss is not None and torch.is_grad_enabled() else loss)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss became inf at iter 0") as diverged:
+        trainer.fit()
+    assert "start again: the run saved no checkpoint before this" in str(diverged.value)
+    assert "resume=" not in str(diverged.value)
 
 
 def test_skip_nonfinite_counts_skipped_steps_read_from_the_device(

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -40,6 +41,24 @@ _USER_VALUE_ERRORS = {
 }
 
 
+# A search sweeper turns `key=interval(...)`, `choice(...)` and `tag(log, ...)` into its distributions, and
+# refuses bad ones (low >= high, a log range reaching 0) with a ValueError from these modules.
+_SEARCH_SPACE_MODULES = ("optuna.", "hydra_plugins.hydra_optuna_sweeper")
+_SEARCH_SPACE_FIX = (
+    "search over interval(low, high) with low < high (and low > 0 inside tag(log, ...)), choice(a, b, ...) or"
+    " range(start, stop, step); e.g. 'optim.lr=tag(log, interval(1e-4, 1e-2))'"
+)
+
+
+def _raised_in(ex: BaseException, modules: tuple[str, ...]) -> bool:
+    """Whether the innermost frame of `ex`'s traceback is in one of `modules` (names or their prefixes)."""
+    tb = ex.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    name = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return name.startswith(modules)
+
+
 class UserError(Exception):
     """A mistake the user can fix: `what` went wrong and `fix` says how to fix it."""
 
@@ -61,8 +80,22 @@ def _full_error_wanted() -> bool:
 _user_wants_traceback = _full_error_wanted()
 
 
-def _exit_with(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+# How long a rank other than 0 waits before exiting on a config error that rank 0 reports too: torchrun
+# stops every rank as soon as one exits, and rank 0 must have printed the line by then.
+RANK_ZERO_GRACE_S = 10.0
+
+
+def _exit_with(message: str, same_on_every_rank: bool = True) -> NoReturn:
+    """Print the one `error:` line and exit 2. Under torchrun only rank 0 prints a config error, which
+    every rank finds alike; an error found while running is also printed by the other ranks that meet
+    it, tagged `[rank N]`."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    elif same_on_every_rank:
+        time.sleep(RANK_ZERO_GRACE_S)  # torchrun stops this rank once rank 0 has reported and exited
+    else:
+        print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_EXIT)
 
 
@@ -161,7 +194,7 @@ def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             error = _file_system_error(ex) if isinstance(ex, OSError) else ex
             if not _in_multirun():
-                _exit_with(str(error))
+                _exit_with(str(error), same_on_every_rank=False)
             logging.getLogger("hydragpt").error("error: %s", error)
             if error is ex:
                 raise
@@ -203,6 +236,8 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         _exit_with(str(_file_system_error(ex)))
     except ValueError as ex:
         fix = next((fix for start, fix in _USER_VALUE_ERRORS.items() if str(ex).startswith(start)), None)
+        if fix is None and _raised_in(ex, _SEARCH_SPACE_MODULES):
+            fix = _SEARCH_SPACE_FIX
         if fix is None:
             raise
         _exit_with(f"{ex} ({fix})")

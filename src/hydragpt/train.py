@@ -49,7 +49,7 @@ def _run_dir(resume: str | None, fresh: str) -> str:
 
 
 # Resolvers used by conf/hydra/default.yaml: a resumed run writes into the directory it resumes, and
-# keeps that directory's original .hydra/ record (`_record_resume` updates it instead).
+# keeps that directory's original .hydra/ record (`_record_config` updates it instead).
 OmegaConf.register_new_resolver("hydragpt.run_dir", _run_dir, replace=True)
 OmegaConf.register_new_resolver(
     "hydragpt.output_subdir", lambda resume, subdir: None if resume else subdir, replace=True
@@ -111,14 +111,26 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
     return result
 
 
-def _record_resume(run_dir: Path, config: dict[str, Any], overrides: list[str]) -> None:
-    """Keep .hydra/ truthful: the config now in force, and the overrides of every invocation in order."""
+def _record_config(run_dir: Path, config: dict[str, Any], more_overrides: list[str]) -> None:
+    """Keep .hydra/ truthful: the config in force (a resumed run's, or the model shape a checkpoint
+    brought), and the overrides of every invocation in order."""
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(exist_ok=True)
     (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    overrides_file = hydra_dir / "overrides.yaml"
-    previous = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    overrides_file.write_text(yaml.safe_dump([*(previous or []), *overrides]))
+    if more_overrides:
+        overrides_file = hydra_dir / "overrides.yaml"
+        previous = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        overrides_file.write_text(yaml.safe_dump([*(previous or []), *more_overrides]))
+
+
+def _pinned_model_keys(hydra_cfg: DictConfig) -> tuple[str, ...]:
+    """The model knobs this command line set: each `model.<key>=`, or every one for a `model=<flavour>`."""
+    keys = []
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        group, _, key = override.key_or_group.partition(".")
+        if group == "model":
+            keys += [key] if key else [f.name for f in fields(GPTConfig)]
+    return tuple(keys)
 
 
 def train(cfg: DictConfig) -> float:
@@ -171,9 +183,19 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig) -> Trainer:
         try:
             run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
             choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
-            trainer = build_trainer(typed, run_dir, run_config, choices, resume_from=resume_from, env=env, stop=stop)
-            if resume_from and env.is_main:  # only once the resumed config has proven valid
-                _record_resume(run_dir, run_config, overrides)
+            trainer = build_trainer(
+                typed,
+                run_dir,
+                run_config,
+                choices,
+                resume_from=resume_from,
+                env=env,
+                stop=stop,
+                pinned_model_keys=_pinned_model_keys(hydra_cfg),
+            )
+            if env.is_main and (resume_from or typed.train.init_from != "scratch"):  # once it proved valid
+                _record_config(run_dir, trainer.checkpointer.metadata["config"], overrides if resume_from else [])
+            if resume_from:
                 log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)
             trainer.fit()
             return trainer

@@ -44,11 +44,13 @@ def build_trainer(
     resume_from: dict[str, Any] | None = None,
     env: DistEnv | None = None,
     stop: StopSignals | None = None,
+    pinned_model_keys: tuple[str, ...] = (),
 ) -> Trainer:
     """`run_config` is the resolved config as plain data and `config_choices` the option picked in each
     config group, both stored in every checkpoint; `resume_from` is a loaded checkpoint of this same run
     to continue from; `env` is this process's place in a torchrun job (rank 0 of 1 by default); `stop` is
-    the caller's installed stop-signal handler (none by default)."""
+    the caller's installed stop-signal handler (none by default); `pinned_model_keys` are the model knobs
+    the command line set, which a checkpoint's shape must then agree with."""
     env = env or DistEnv()
     t = cfg.train
     device = resolve_device(cfg.system.device, env.local_rank if env.is_distributed else None)
@@ -60,7 +62,7 @@ def build_trainer(
     start_from = resume_from
     if start_from is None and t.init_from != "scratch":
         start_from = load_weights(t.init_from)
-    model_config = model_shape(cfg, data, start_from, resumed=resume_from is not None)
+    model_config = model_shape(cfg, data, start_from, resume_from is not None, pinned_model_keys)
     data.require_block(model_config.block_size)
     model = GPT(model_config) if start_from is None else model_from_checkpoint(start_from, model_config)
     model.to(device)
@@ -113,6 +115,19 @@ def build_trainer(
                 f"{tokens_per_step:,}",
             )
             state.tokens_per_step = tokens_per_step
+        if max_iters < state.step:
+            raise UserError(
+                f"the run is at step {state.step}, past the {max_iters} steps this resume asks for"
+                " (train.max_iters, or train.max_tokens / train.epochs)",
+                f"to train further, give a longer run, e.g. train.max_iters={2 * state.step}",
+            )
+    peak_reached = any(cfg.lr.factor(step, max_iters) >= 1 - 1e-9 for step in range(max_iters))
+    if not (t.eval_only or peak_reached or max_iters == 0):
+        log.warning(  # applied as asked (the ramp is what the run gets), but said
+            "the lr never reaches its peak in this run's %d steps: is lr.warmup_iters as long as the run?"
+            " shorten it or train longer",
+            max_iters,
+        )
 
     eval_model: torch.nn.Module = torch.compile(model) if cfg.system.compile else model
     train_model = cfg.ddp.wrap(eval_model, device)  # evaluation needs no gradient averaging
@@ -183,8 +198,15 @@ def build_trainer(
     return trainer
 
 
-def model_shape(cfg: TrainConfig, data: TokenDataset, start_from: dict[str, Any] | None, resumed: bool) -> GPTConfig:
-    """The model's shape: from the config (vocab from the data), or from the checkpoint we start from."""
+def model_shape(
+    cfg: TrainConfig,
+    data: TokenDataset,
+    start_from: dict[str, Any] | None,
+    resumed: bool,
+    pinned: tuple[str, ...] = (),
+) -> GPTConfig:
+    """The model's shape: from the config (vocab from the data), or from the checkpoint we start from,
+    which the knobs the command line `pinned` must then agree with (the weights cannot follow them)."""
     wanted = cfg.model
     data_vocab = data.tokenizer.vocab_size
     if start_from is None:
@@ -202,6 +224,15 @@ def model_shape(cfg: TrainConfig, data: TokenDataset, start_from: dict[str, Any]
             "train on the data the checkpoint was trained on, or start from scratch",
         )
     saved = GPTConfig(**start_from["model_config"])
+    for key in pinned:
+        value = getattr(wanted, key)
+        if key not in ("name", "dropout") and value not in (None, getattr(saved, key)):  # vocab null: any
+            fix = "train.crop_block_size shortens the context" if key == "block_size" else "drop the override"
+            raise UserError(
+                f"model.{key}={value} differs from the weights of train.init_from={cfg.train.init_from}"
+                f" ({key}={getattr(saved, key)}): a run that starts from them has their shape",
+                f"{fix}, or train from scratch to get the shape you set",
+            )
     crop = cfg.train.crop_block_size
     if resumed or crop is None:
         return replace(saved, dropout=wanted.dropout)

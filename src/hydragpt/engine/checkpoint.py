@@ -170,13 +170,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (meaning its checkpoints/last.pt)."""
+    """A checkpoint file, or a run directory or its checkpoints/ directory (meaning its last.pt)."""
     p = Path(path).expanduser()
     if p.is_dir():
+        folder = p if p.name == CHECKPOINT_DIR and not (p / CHECKPOINT_DIR).is_dir() else p / CHECKPOINT_DIR
         # the later of last.pt and best.pt: with always_save_checkpoint=false, best.pt may be ahead
-        candidates = [c for c in (p / CHECKPOINT_DIR / "last.pt", p / CHECKPOINT_DIR / "best.pt") if c.is_file()]
+        candidates = [c for c in (folder / "last.pt", folder / "best.pt") if c.is_file()]
         if not candidates:
-            raise UserError(f"no checkpoint in {p / CHECKPOINT_DIR}", "give a run directory that has saved one")
+            raise UserError(f"no checkpoint in {folder}", "give a run directory that has saved one")
         return max(candidates, key=_saved_step)  # max keeps the first (last.pt) on a tie
     if not p.is_file():
         raise UserError(f"checkpoint '{path}' does not exist", "give the path of a .pt file or of a run directory")

@@ -44,12 +44,6 @@ class TrainingDiverged(UserError):
     """The loss or gradient norm stopped being a finite number; the last checkpoint on disk is from before."""
 
 
-DIVERGED_FIX = (
-    "lower optim.lr, raise lr.warmup_iters or set train.grad_clip, then resume=<run dir> from the last checkpoint,"
-    " which is from before this; train.skip_nonfinite=K skips up to K such steps"
-)
-
-
 @dataclass
 class Loop:
     """The loop's settings, from `train.*`."""
@@ -177,13 +171,22 @@ class Trainer:
         loss, norm, _, _ = rows[-1]
         return {"loss": loss, "lr": lrs[-1], "grad_norm": norm}, stop
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error, with a fix that names what there is to go back to: the last checkpoint, or none."""
+        remedy = "lower optim.lr, raise lr.warmup_iters or set train.grad_clip"
+        if any(self.checkpointer.ckpt_dir.glob("*.pt")):
+            remedy += f", then resume={self.run_dir} from its last checkpoint, saved before this"
+        else:
+            remedy += " and start again: the run saved no checkpoint before this"
+        return TrainingDiverged(what, f"{remedy}; train.skip_nonfinite=K skips up to K such steps")
+
     def _skip_nonfinite(self, step: int, loss: float, norm: float) -> None:
         """That step left the weights as they were; stop the run when no more skips are allowed."""
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
         self.state.nonfinite_steps += 1
         allowed = self.loop.skip_nonfinite
         if self.state.nonfinite_steps > allowed:
-            raise TrainingDiverged(f"{what} became {value} at iter {step}", DIVERGED_FIX)
+            raise self._diverged(f"{what} became {value} at iter {step}")
         log.warning(
             "iter %d: %s became %s; step skipped (%d of train.skip_nonfinite=%d)",
             step,
@@ -297,7 +300,7 @@ class Trainer:
         self._log({**record, "time": time.perf_counter() - self.start_time})
         val_loss = record["val_loss"]
         if not math.isfinite(val_loss):
-            raise TrainingDiverged(f"val loss became {val_loss} at iter {self.state.step}", DIVERGED_FIX)
+            raise self._diverged(f"val loss became {val_loss} at iter {self.state.step}")
         improved = val_loss < self.state.best_val_loss
         if improved:
             self.state.best_val_loss = val_loss

@@ -1,0 +1,108 @@
+"""An override is applied or refused, never recorded and ignored; work is bounded; every error's fix works.
+
+One test per case a user tried: each failed before its fix (the data's identity: tests/test_data_identity.py;
+every knob's type and range: tests/test_knobs.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from hydragpt.engine.checkpoint import load_checkpoint
+from tests.helpers import DEBUG_RUN, REPO, run_script, torchrun
+from tests.test_errors import assert_user_error
+
+
+def config_yaml(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+
+
+def test_init_from_refuses_a_model_knob_its_weights_do_not_have(train_run, trained_run: Path, tmp_path: Path) -> None:
+    result = train_run(f"train.init_from={trained_run}", "model.n_layer=4")
+    assert_user_error(result, "model.n_layer=4 differs from the weights", "(n_layer=2)")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_records_the_shape_it_built(data_dir: Path, trained_run: Path, tmp_path: Path) -> None:
+    """No model knob on the command line: the default flavour (tiny_cpu, 4 layers) gives way to the
+    checkpoint's debug shape, and .hydra/config.yaml says so."""
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "train",
+        *[o for o in DEBUG_RUN if not o.startswith("model=")],
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+        f"train.init_from={trained_run}",
+        "train.max_iters=1",
+        "train.eval_interval=1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert config_yaml(run_dir)["model"] == load_checkpoint(trained_run)["model_config"]
+    assert config_yaml(run_dir)["model"]["n_layer"] == 2
+
+
+def test_resuming_to_fewer_steps_than_done_is_refused_and_changes_nothing(trained_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".yaml", ".pt", ".jsonl")}
+    result = run_script("train", f"resume={run_dir}", "train.max_iters=5")
+    assert_user_error(result, "the run is at step 30, past the 5 steps", "train.max_iters=60")
+    assert before == {p: p.read_bytes() for p in before}
+
+
+def test_a_warmup_longer_than_the_run_is_applied_and_said(train_run) -> None:
+    result = train_run("train.max_iters=3", "train.eval_interval=3", "lr.warmup_iters=100")
+    assert result.returncode == 0, result.stderr
+    assert "the lr never reaches its peak in this run's 3 steps" in result.stdout + result.stderr
+    quiet = train_run("train.max_iters=3", "train.eval_interval=3", "lr.warmup_iters=2", run_dir=None)
+    assert "never reaches its peak" not in quiet.stdout + quiet.stderr
+
+
+def test_sampling_work_is_bounded(trained_run: Path) -> None:
+    ckpt = f"ckpt={trained_run}"
+    assert_user_error(run_script("sample", ckpt, "max_new_tokens=99999999999999999999"), "max_new_tokens=", "64 bits")
+    assert_user_error(run_script("sample", ckpt, "max_new_tokens=1000001"), "more than sample.py generates")
+    assert_user_error(run_script("sample", ckpt, "temperature=inf"), "temperature=inf is not a finite number")
+    chat = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sample.py"), ckpt, "chat=true", "max_new_tokens=5"],
+        input="tokens 99999999999999999999\ntemp inf\nROMEO:\nquit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert "error: tokens must be in [1, 1,000,000]" in chat.stderr and "error: temperature must be" in chat.stderr
+    assert len(chat.stdout.strip()) == len("ROMEO:") + 5  # the reply kept the length it had
+
+
+def test_a_runs_checkpoints_folder_names_its_checkpoint(trained_run: Path) -> None:
+    args = ("temperature=0", "num_samples=1", "max_new_tokens=20")
+    by_folder = run_script("sample", f"ckpt={trained_run / 'checkpoints'}", *args)
+    assert by_folder.returncode == 0, by_folder.stderr
+    assert by_folder.stdout == run_script("sample", f"ckpt={trained_run}", *args).stdout
+
+
+def test_a_config_error_under_torchrun_is_printed_once(data_dir: Path, tmp_path: Path) -> None:
+    result = torchrun(2, *DEBUG_RUN, f"paths.data_dir={data_dir}", "model.n_layer=0", cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error: " in line and "ChildFailedError" not in line]
+    assert errors == ["error: model.n_layer must be >= 1, got 0 (set a positive size)"], result.stderr
+
+
+def test_a_bad_search_space_is_one_error_line(data_dir: Path, tmp_path: Path) -> None:
+    result = run_script(
+        "train",
+        "-m",
+        "hparams_search=optuna",
+        *DEBUG_RUN,
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "optim.lr=tag(log, interval(-1, 1e-2))",
+    )
+    assert_user_error(result, "must be larger than 0 for a log distribution", "tag(log, interval(1e-4, 1e-2))")
+    assert "setup plugin" not in result.stdout  # Optuna's storage layer keeps its INFO lines to itself
