@@ -6,15 +6,20 @@ every knob's type and range: tests/test_knobs.py).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from hydragpt.config import eval_config, sample_config
 from hydragpt.engine.checkpoint import load_checkpoint
-from tests.helpers import DEBUG_RUN, REPO, run_script, torchrun
+from hydragpt.errors import UserError, user_errors_exit
+from hydragpt.train_config import train_config
+from tests.helpers import DEBUG_RUN, REPO, compose_config, run_script, torchrun
 from tests.test_errors import assert_user_error
 
 
@@ -106,3 +111,58 @@ def test_a_bad_search_space_is_one_error_line(data_dir: Path, tmp_path: Path) ->
     )
     assert_user_error(result, "must be larger than 0 for a log distribution", "tag(log, interval(1e-4, 1e-2))")
     assert "setup plugin" not in result.stdout  # Optuna's storage layer keeps its INFO lines to itself
+
+
+def test_resume_refuses_what_it_would_record_and_ignore(trained_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    seed = run_script("train", f"resume={run_dir}", "train.max_iters=40", "system.seed=3")
+    assert_user_error(seed, "resume cannot change system.seed from 1337 to 3", f"train.init_from={run_dir}")
+    moved = run_script("train", f"resume={run_dir}", "train.max_iters=40", f"hydra.run.dir={tmp_path / 'fork'}")
+    assert_user_error(moved, "continues the run in its own directory", "drop hydra.run.dir")
+    assert not (tmp_path / "fork").exists()
+
+
+@pytest.mark.parametrize(
+    ("validate", "script", "overrides", "message"),
+    [
+        (sample_config, "sample", ["chat=true", "num_samples=2"], "num_samples=2 has no effect without chat=false"),
+        (sample_config, "sample", ["chat=true", "out=x.txt"], "out=x.txt has no effect without chat=false"),
+        (eval_config, "eval", ["task=hellaswag", "split=train"], "split=train has no effect without task=val_loss"),
+        (eval_config, "eval", ["show_examples=3"], "show_examples=3 has no effect without task=hellaswag"),
+        (train_config, "train", ["train.hellaswag_examples=10"], "has no effect without train.hellaswag_interval"),
+        (train_config, "train", ["train.sample_tokens=50"], "has no effect without train.sample_interval"),
+        (train_config, "train", ["data.val_tokens=1000"], "data.val_tokens=1000 has no effect without data.val_split"),
+        (
+            train_config,
+            "train",
+            ["train.grad_accum_steps=4", "train.total_batch_size=4096"],
+            "train.grad_accum_steps=4 has no effect: train.total_batch_size derives it",
+        ),
+    ],
+)
+def test_a_knob_that_would_be_ignored_is_refused(validate, script: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(compose_config(script, overrides))
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_allocating(train_run, tmp_path: Path) -> None:
+    result = train_run("model.n_embd=100000", "model.n_head=1")
+    assert_user_error(result, "the model has 240.0B parameters", "for its weights alone", "make it smaller")
+
+
+def test_running_out_of_memory_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    @user_errors_exit
+    def task() -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to"
+            " allocate 120000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    with pytest.raises(SystemExit) as exited:
+        task()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: out of memory: can't allocate memory: you tried to allocate 120000000000 bytes (lower"
+        " train.batch_size (train.grad_accum_steps keeps the tokens per step) or the model's size)\n"
+    )

@@ -45,6 +45,18 @@ def require(ok: bool, what: str, fix: str) -> None:
         raise UserError(what, fix)
 
 
+def only_with(config: Any, name: str, active: bool, needs: str, prefix: str = "") -> None:
+    """A knob that acts only when `needs` holds is refused when set otherwise: it would be recorded and
+    ignored. Set means: not its default."""
+    value = getattr(config, name)
+    default = next(f.default for f in fields(config) if f.name == name)
+    require(
+        active or value == default,
+        f"{prefix}{name}={value} has no effect without {needs}",
+        f"set {needs} too, or drop {prefix}{name}",
+    )
+
+
 def check_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     require(value in allowed, f"unknown {key} '{value}'", f"use one of: {', '.join(allowed)}")
 
@@ -76,6 +88,8 @@ class DataConfig:
         validate_tokenizer(self.tokenizer, "data.tokenizer")
         check_choice(self.val_split, VAL_SPLITS, "data.val_split")
         check_choice(self.sampling, SAMPLING, "data.sampling")
+        only_with(self, "val_tokens", self.val_split == "head", "data.val_split=head", "data.")
+        only_with(self, "split_seed", self.val_split == "docs", "data.val_split=docs", "data.")
         if self.val_split == "head":
             require(
                 self.val_tokens is not None and self.val_tokens >= 1,
@@ -335,6 +349,8 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
     check_choice(typed.format, SAMPLE_FORMATS, "format")
     require(all(typed.stop), "stop strings must not be empty", "e.g. stop=['\\n\\n']")
     validate_output_file(typed.out, "out")
+    for name in ("start", "num_samples", "out", "format"):
+        only_with(typed, name, not typed.chat, "chat=false (a chat reads its prompts from the input)")
     return typed
 
 
@@ -377,6 +393,9 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
     validate_device(typed.device, "device")
     check_choice(typed.dtype, DTYPES, "dtype")
     validate_output_file(typed.out, "out")
+    for name in ("split", "dataset", "batch_size"):
+        only_with(typed, name, typed.task == "val_loss", "task=val_loss")
+    only_with(typed, "show_examples", typed.task == "hellaswag", "task=hellaswag")
     return typed
 
 

@@ -136,6 +136,30 @@ def _file_system_error(ex: OSError) -> UserError:
     )
 
 
+# How torch says an allocation failed: CPU's allocator, and CUDA's (torch.OutOfMemoryError).
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
+
+
+def _user_error(ex: BaseException) -> UserError:
+    """What the user can fix about `ex`: a UserError itself, a file-system refusal, or a lack of memory."""
+    if isinstance(ex, UserError):
+        return ex
+    return _file_system_error(ex) if isinstance(ex, OSError) else _memory_error(ex)
+
+
+def _out_of_memory(ex: BaseException) -> bool:
+    return isinstance(ex, MemoryError) or any(marker in str(ex) for marker in _OUT_OF_MEMORY)
+
+
+def _memory_error(ex: BaseException) -> UserError:
+    """The device ran out of memory: the sizes the user chose are too large for it."""
+    detail = (str(ex).strip().splitlines() or [type(ex).__name__])[0]
+    return UserError(
+        f"out of memory: {detail.rpartition('DefaultCPUAllocator: ')[2].partition('. Error code')[0]}",
+        "lower train.batch_size (train.grad_accum_steps keeps the tokens per step) or the model's size",
+    )
+
+
 def _blocks(lines: list[str]) -> list[list[str]]:
     """Split message lines into blocks: a "Header:" line with the items below it, or a lone line."""
     blocks: list[list[str]] = []
@@ -178,7 +202,8 @@ def _in_multirun() -> bool:
 
 
 def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Hydra task function: a `UserError` raised inside becomes the `error:` line and exit 2.
+    """Wrap a Hydra task function: a `UserError` raised inside (or the file system's refusal, or a lack of
+    memory for the sizes asked) becomes the `error:` line and exit 2.
 
     It exits from inside the task (SystemExit passes through Hydra untouched), so Hydra adds no
     "Error executing job" banner to the one line. In a multirun the job fails instead, after logging
@@ -189,10 +214,10 @@ def user_errors_exit(task: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
-        except (UserError, OSError) as ex:
-            if _user_wants_traceback:
+        except (UserError, OSError, MemoryError, RuntimeError) as ex:
+            if _user_wants_traceback or (isinstance(ex, RuntimeError) and not _out_of_memory(ex)):
                 raise
-            error = _file_system_error(ex) if isinstance(ex, OSError) else ex
+            error = _user_error(ex)
             if not _in_multirun():
                 _exit_with(str(error), same_on_every_rank=False)
             logging.getLogger("hydragpt").error("error: %s", error)

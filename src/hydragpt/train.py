@@ -59,14 +59,18 @@ OmegaConf.register_new_resolver(
 # (with the same keys, one rank per GPU); Hydra checks it against the plugin's schema and says so.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
 
-# Config keys whose change on resume would not fit the saved state: the model's shape (every field of its
-# config but dropout, which only acts in training) and the data the loader position refers to.
-FROZEN_ON_RESUME = (
-    *(f"model.{f.name}" for f in fields(GPTConfig) if f.name not in ("name", "dropout")),
-    "data.name",
-    "data.tokenizer",
-    "data.sampling",
-)
+# Config keys a resumed run cannot change, and why: the saved state would not fit, or the key has done its
+# work when the run started (a change would be recorded and ignored).
+_SHAPE = "the saved weights and optimizer have the old shape"
+FROZEN_ON_RESUME = {
+    **{f"model.{f.name}": _SHAPE for f in fields(GPTConfig) if f.name not in ("name", "dropout")},
+    "data.name": "the loader's position refers to the data the run trained on",
+    "data.tokenizer": "the loader's position refers to the data the run trained on",
+    "data.sampling": "the loader's position refers to the data the run trained on",
+    "system.seed": "a resumed run restores its random state from the checkpoint",
+    "train.init_from": "a resumed run continues from its own checkpoint",
+    "train.crop_block_size": "a resumed run continues from its own checkpoint",
+}
 
 
 def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overrides: list[str]) -> dict[str, Any]:
@@ -99,13 +103,12 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
             reason = str(ex).splitlines()[0]
             raise UserError(f"cannot apply '{override.input_line}' when resuming: {reason}", "check the key") from ex
     result = OmegaConf.to_container(config, resolve=True)
-    for key in FROZEN_ON_RESUME:
+    for key, why in FROZEN_ON_RESUME.items():
         before, after = OmegaConf.select(original, key), OmegaConf.select(config, key)
         if before != after:
             raise UserError(
-                f"resume cannot change {key} from {before} to {after}: the saved weights and optimizer have the"
-                " old shape",
-                "drop that override, or start a new run with train.init_from=<checkpoint> instead of resume",
+                f"resume cannot change {key} from {before} to {after}: {why}",
+                f"drop that override, or start a new run with train.init_from={saved['resume']} instead of resume",
             )
     assert isinstance(result, dict)
     return result
@@ -219,6 +222,8 @@ class ValidateConfigCallback(Callback):
             exit_on_user_error(lambda: read_meta(Path(config.paths.data_dir) / config.data.name))  # prepared?
             if distributed.launched_env().is_main:
                 exit_on_user_error(lambda: _refuse_existing_run(Path(config.hydra.run.dir)))
+        elif distributed.launched_env().is_main:
+            exit_on_user_error(lambda: _refuse_moved_resume(config.resume, Path(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Every job of a grid sweep composed before the sweep directory exists: an unknown key or a value
@@ -239,6 +244,15 @@ def _check_job(config: DictConfig, overrides: list[str]) -> None:
         compose(config.hydra.job.config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as ex:
         raise composition_error(ex) from ex
+
+
+def _refuse_moved_resume(resume: str, run_dir: Path) -> None:
+    """A resumed run continues in its own directory: `hydra.run.dir` elsewhere would fork it half-recorded."""
+    if run_dir.resolve() != Path(resume).resolve():
+        raise UserError(
+            f"resume={resume} continues the run in its own directory, not in hydra.run.dir={run_dir}",
+            f"drop hydra.run.dir, or start a new run from it there with train.init_from={resume}",
+        )
 
 
 def _refuse_existing_run(run_dir: Path) -> None:

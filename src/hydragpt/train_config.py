@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 # The component options register their schemas when their modules are imported.
 from hydragpt.config import (
     DTYPES,
+    MAX_NEW_TOKENS,
     STOPPABLE_SIGNALS,
     DataConfig,
     HellaswagConfig,
@@ -27,6 +28,7 @@ from hydragpt.config import (
     SystemConfig,
     check_choice,
     invalid_value,
+    only_with,
     require,
     to_dataclass,
     validate_device,
@@ -107,6 +109,11 @@ class TrainLoopConfig:
             require(
                 self.total_batch_size >= 1, "train.total_batch_size must be >= 1", "or null to use grad_accum_steps"
             )
+            require(
+                self.grad_accum_steps in (None, 1),
+                f"train.grad_accum_steps={self.grad_accum_steps} has no effect: train.total_batch_size derives it",
+                "give one of them: train.grad_accum_steps=null, or train.total_batch_size=null",
+            )
         elif self.grad_accum_steps is not None:
             require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1", "set a positive count")
         if self.crop_block_size is not None:
@@ -116,7 +123,14 @@ class TrainLoopConfig:
             )
         at_evaluations("train.hellaswag_interval", self.hellaswag_interval, self.eval_interval, "HellaSwag is scored")
         at_evaluations("train.sample_interval", self.sample_interval, self.eval_interval, "samples are written")
-        require(self.sample_tokens >= 1, "train.sample_tokens must be >= 1", "e.g. train.sample_tokens=200")
+        require(
+            1 <= self.sample_tokens <= MAX_NEW_TOKENS,
+            f"train.sample_tokens must be in [1, {MAX_NEW_TOKENS:,}], got {self.sample_tokens}",
+            "e.g. train.sample_tokens=200",
+        )
+        for name in ("sample_start", "sample_tokens"):
+            only_with(self, name, self.sample_interval is not None, "train.sample_interval", "train.")
+        only_with(self, "hellaswag_examples", self.hellaswag_interval is not None, "train.hellaswag_interval", "train.")
         examples = self.hellaswag_examples
         require(examples is None or examples >= 1, "train.hellaswag_examples must be >= 1", "or null for all")
         require(self.grad_clip >= 0, "train.grad_clip must be >= 0", "use 0 to disable clipping")
@@ -244,6 +258,11 @@ def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
     typed = to_dataclass(cfg, BenchSampleConfig)
     for key in ("vocab_size", "prompt_tokens", "max_new_tokens", "num_samples", "repeats"):
         require(getattr(typed, key) >= 1, f"{key} must be >= 1, got {getattr(typed, key)}", "set a positive count")
+    require(
+        typed.max_new_tokens <= MAX_NEW_TOKENS,
+        f"max_new_tokens={typed.max_new_tokens} is more than sample.py generates in one call ({MAX_NEW_TOKENS:,})",
+        "e.g. max_new_tokens=500",
+    )
     validate_device(typed.device, "device")
     check_choice(typed.dtype, DTYPES, "dtype")
     validate_seed(typed.seed, "seed")

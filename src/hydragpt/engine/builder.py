@@ -25,7 +25,7 @@ from hydragpt.engine.distributed import DistEnv
 from hydragpt.engine.evaluators import Evaluator, HellaswagAccuracy, SplitLoss, TextSamples
 from hydragpt.engine.metrics import peak_flops
 from hydragpt.engine.preemption import StopSignals
-from hydragpt.engine.system import resolve_device, resolve_dtype, seed_everything
+from hydragpt.engine.system import require_fits, resolve_device, resolve_dtype, seed_everything
 from hydragpt.engine.trainer import Loop, Trainer
 from hydragpt.errors import UserError
 from hydragpt.evaluation import load_hellaswag
@@ -64,6 +64,7 @@ def build_trainer(
         start_from = load_weights(t.init_from)
     model_config = model_shape(cfg, data, start_from, resume_from is not None, pinned_model_keys)
     data.require_block(model_config.block_size)
+    require_fits(model_config, device)  # its full weights are built on every rank, FSDP shards them after
     model = GPT(model_config) if start_from is None else model_from_checkpoint(start_from, model_config)
     model.to(device)
     cfg.ddp.shard(model, dtype)  # before the optimizer is built: it keeps each rank's shards only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from contextlib import AbstractContextManager
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from hydragpt.errors import UserError
+from hydragpt.model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +54,29 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device '{name}' requested but MPS is not available", "use system.device=cpu or auto")
     return device
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (the machine's RAM for the CPU), or None where that is not known."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def require_fits(config: GPTConfig, device: torch.device, bytes_per_param: int = 4) -> None:
+    """Refuse a model whose weights alone cannot fit on `device`, before allocating any: counted on the
+    meta device (no memory), so an impossible size is one error line, not a crash or the OOM killer."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(config).parameters())
+    needed, available = params * bytes_per_param, device_memory(device)
+    if available is not None and needed > available:
+        raise UserError(
+            f"the model has {params / 1e9:,.1f}B parameters: {needed / 2**30:,.0f} GiB for its weights alone,"
+            f" more than the {available / 2**30:,.0f} GiB of {device}",
+            "make it smaller: model.n_layer, model.n_embd, model.block_size, model.vocab_size",
+        )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
