@@ -110,7 +110,7 @@ def test_sample_and_prepare_configs_compose() -> None:
         ("ddp.timeout=0", "ddp.timeout must be >= 1 second"),
         ("checkpoint.keep_every=7", "checkpoint.keep_every=7 is not a multiple of train.eval_interval=250"),
         ("train.sample_interval=100", "train.sample_interval=100 is not a multiple of train.eval_interval=250"),
-        ("train.sample_tokens=0", "train.sample_tokens must be >= 1"),
+        ("train.sample_tokens=0", "train.sample_tokens must be in [1, 1,000,000], got 0"),
     ],
 )
 def test_invalid_values_fail_early(override: str, message: str) -> None:
