@@ -22,6 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import hydragpt.train_config  # noqa: F401  (registers the config schemas that conf/ extends)
+from hydragpt.data.dataset import TokenDataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -156,6 +157,11 @@ def train_debug(data_dir: Path, run_dir: Path, *overrides: str) -> subprocess.Co
         "optim.lr=1e-2",
         *overrides,
     )
+
+
+def open_prepared(dataset_dir: Path) -> TokenDataset:
+    """A prepared dataset, opened as a run opens it (an error's fix names a generic prepare command)."""
+    return TokenDataset(dataset_dir, lambda: f"python scripts/prepare.py data=text data.name={dataset_dir.name}")
 
 
 def prepare_dataset(data_dir: Path, data: str, source: Path | str, *overrides: str) -> Path:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from hydragpt.config import prepare_config
-from hydragpt.data.dataset import TokenDataset, read_meta
+from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.prepare import prepare
 from hydragpt.data.sources import safe_cut
 from hydragpt.data.tokenizer import CharTokenizer, TiktokenTokenizer, token_dtype, tokenizer_from_description
 from hydragpt.errors import UserError
-from tests.helpers import compose_config, prepare_dataset
+from tests.helpers import compose_config, open_prepared, prepare_dataset
 
 
 def prepare_text(tmp_path: Path, text: str, overwrite: bool = False) -> Path:
@@ -29,7 +29,7 @@ def decoded_splits(dataset: TokenDataset) -> dict[str, str]:
 
 def test_char_prepare_splits_90_10_and_round_trips(data_dir: Path, corpus_file: Path) -> None:
     text = corpus_file.read_text()
-    dataset = TokenDataset(data_dir / "shakespeare_char")
+    dataset = open_prepared(data_dir / "shakespeare_char")
     meta = dataset.meta
     n_train = int(len(text) * 0.9)
     assert meta.tokens == {"train": n_train, "val": len(text) - n_train}
@@ -47,7 +47,7 @@ def test_gpt2_prepare_matches_encoding_the_whole_text(
     """Tokens equal encode_ordinary of the text, also when the corpus is tokenized in 1 MB chunks."""
     text = corpus_file.read_text()
     out = prepare_dataset(tmp_path, "shakespeare_gpt2", corpus_file, f"task_mb={task_mb}")
-    dataset = TokenDataset(out)
+    dataset = open_prepared(out)
     enc = TiktokenTokenizer("gpt2")
     n_train = int(len(text) * 0.9)  # nanoGPT's split point, in characters
     train, val = (dataset.splits[s].read(0, len(dataset.splits[s])).tolist() for s in ("train", "val"))
@@ -82,9 +82,9 @@ def test_prepare_is_idempotent_unless_overwrite(tmp_path: Path) -> None:
     stamp = shard.stat().st_mtime_ns
     prepare_text(tmp_path, "different text entirely " * 100)
     assert shard.stat().st_mtime_ns == stamp
-    assert read_meta(out).vocab_size == len(set("hello world, "))
+    assert open_prepared(out).meta.vocab_size == len(set("hello world, "))
     prepare_text(tmp_path, "different text entirely " * 100, overwrite=True)
-    assert read_meta(out).vocab_size == len(set("different text entirely "))
+    assert open_prepared(out).meta.vocab_size == len(set("different text entirely "))
 
 
 def test_meta_from_another_version_asks_for_overwrite(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_meta_from_another_version_asks_for_overwrite(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"written by another version.*overwrite=true"):
         prepare_text(tmp_path, "hello world, " * 100)
     prepare_text(tmp_path, "hello world, " * 100, overwrite=True)
-    assert TokenDataset(out).meta.tokens["train"] == 1170
+    assert open_prepared(out).meta.tokens["train"] == 1170
 
 
 def test_prepare_rejects_empty_and_missing_sources(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_cached_download_is_reused_without_network(tmp_path: Path) -> None:
     cfg = prepare_config(compose_config("prepare", [f"paths.data_dir={tmp_path}"]))
     assert cfg.data.source.startswith("https://")
     prepare(cfg)
-    assert read_meta(dataset_dir).vocab_size == len(set("to be or not to be "))
+    assert open_prepared(dataset_dir).meta.vocab_size == len(set("to be or not to be "))
     prepare(prepare_config(compose_config("prepare", [f"paths.data_dir={tmp_path}", "overwrite=true"])))
     assert (dataset_dir / "input.txt").is_file()  # overwrite redoes the tokens, keeps the download
 
@@ -140,7 +140,7 @@ def test_token_dtype_fits_the_vocabulary() -> None:
 
 
 def test_block_must_fit_in_every_split(tmp_path: Path) -> None:
-    dataset = TokenDataset(prepare_text(tmp_path, "abcdefgh" * 10))
+    dataset = open_prepared(prepare_text(tmp_path, "abcdefgh" * 10))
     dataset.require_block(7)
     with pytest.raises(UserError, match=r"val split .* has 8 tokens, fewer than one block"):
         dataset.require_block(64)

@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hydragpt.data.dataset import TokenDataset
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.sampling import load_model
-from tests.helpers import run_script, torchrun
+from tests.helpers import open_prepared, run_script, torchrun
 
 # Official hellaswag_val.jsonl fields; texts use only characters of the Shakespeare char vocabulary.
 FIXTURE = [
@@ -48,7 +47,7 @@ def test_val_loss_over_the_whole_split(trained_run: Path, data_dir: Path, tmp_pa
     assert result.returncode == 0, result.stderr
     got = last_json(result.stdout)
     model, _ = load_model(load_checkpoint(trained_run), torch.device("cpu"))
-    tokens = np.concatenate([np.asarray(s) for s in TokenDataset(data_dir / "shakespeare_char").splits["val"].shards])
+    tokens = np.concatenate([np.asarray(s) for s in open_prepared(data_dir / "shakespeare_char").splits["val"].shards])
     tokens = torch.from_numpy(tokens.astype(np.int64))
     block, total = model.config.block_size, 0.0
     with torch.no_grad():

@@ -22,13 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydragpt.data.dataset import TokenDataset
 from hydragpt.engine.checkpoint import keep_step_checkpoint, load_checkpoint, save_checkpoint, step_checkpoints
 from hydragpt.engine.preemption import PREEMPTED_EXIT
 from hydragpt.engine.run_lock import RunLock
 from hydragpt.errors import UserError
 from hydragpt.train_config import train_config
-from tests.helpers import DEBUG_RUN, REPO, compose_config, run_script
+from tests.helpers import DEBUG_RUN, REPO, compose_config, open_prepared, run_script
 
 HOOKS = Path(__file__).parent / "fault_hooks"
 MAX_ITERS = 60
@@ -306,7 +305,7 @@ def test_a_shard_cut_short_mid_run_is_named(data_dir: Path, tmp_path: Path) -> N
 def test_shards_that_disappear_or_are_replaced_are_named(data_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "shakespeare_char"
     shutil.copytree(data_dir / "shakespeare_char", data)
-    dataset = TokenDataset(data)
+    dataset = open_prepared(data)
     val = dataset.splits["val"]
     assert len(val.read(0, 10)) == 10
     shard = data / "val_000000.bin"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hydragpt.data.dataset import SplitTokens, TokenDataset
+from hydragpt.data.dataset import SplitTokens
 from hydragpt.data.loader import RandomBatchLoader, SequentialBatchLoader, evaluation_batches
 from hydragpt.errors import UserError
-from tests.helpers import prepare_dataset
+from tests.helpers import open_prepared, prepare_dataset
 
 CPU = torch.device("cpu")
 
@@ -22,7 +22,7 @@ def three_shards(tmp_path_factory: pytest.TempPathFactory) -> SplitTokens:
     tmp = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
     (tmp / "corpus.txt").write_text("".join(rng.choice(list("abcdefghij \n"), size=3000)))
-    dataset = TokenDataset(prepare_dataset(tmp, "shakespeare_char", tmp / "corpus.txt", "data.shard_tokens=1000"))
+    dataset = open_prepared(prepare_dataset(tmp, "shakespeare_char", tmp / "corpus.txt", "data.shard_tokens=1000"))
     assert [s["tokens"] for s in dataset.meta.shards["train"]] == [1000, 1000, 700]
     return dataset.splits["train"]
 

@@ -15,7 +15,7 @@ import hydragpt.data.prepare as prepare_module
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.tokenizer import TiktokenTokenizer
 from hydragpt.errors import UserError
-from tests.helpers import prepare_dataset
+from tests.helpers import open_prepared, prepare_dataset
 
 EOT = 50256  # GPT-2's <|endoftext|>
 
@@ -66,7 +66,7 @@ def interrupt(monkeypatch: pytest.MonkeyPatch, function: str, call: int, *args: 
 def test_jsonl_documents_are_separated_by_eot_and_split_by_documents(gpt2_bpe: None, tmp_path: Path) -> None:
     docs = documents(400)
     source = write_jsonl(tmp_path / "corpus.jsonl", docs)
-    dataset = TokenDataset(prepare_dataset(tmp_path / "data", "text", source, "data.val_split=docs"))
+    dataset = open_prepared(prepare_dataset(tmp_path / "data", "text", source, "data.val_split=docs"))
     enc = TiktokenTokenizer("gpt2")
     train, val = all_tokens(dataset, "train"), all_tokens(dataset, "val")
     assert train[0] != EOT and val[0] == EOT  # a separator before every document but the corpus's first
@@ -90,7 +90,7 @@ def test_the_same_corpus_as_txt_jsonl_parquet_directory_and_glob(gpt2_bpe: None,
     }
     results = {}
     for name, (source, *extra) in variants.items():
-        dataset = TokenDataset(prepare_dataset(tmp_path / name, "text", source, *extra))
+        dataset = open_prepared(prepare_dataset(tmp_path / name, "text", source, *extra))
         results[name] = (all_tokens(dataset, "train"), all_tokens(dataset, "val"), dataset.meta.documents)
     assert all(result == results["jsonl"] for result in results.values())
     train, val, n_docs = results["jsonl"]
@@ -115,8 +115,8 @@ def test_head_split_and_fixed_size_shards(gpt2_bpe: None, tmp_path: Path) -> Non
     out = prepare_dataset(
         tmp_path, "text", source, "data.val_split=head", "data.val_tokens=1000", "data.shard_tokens=700"
     )
-    dataset = TokenDataset(out)
-    whole = TokenDataset(
+    dataset = open_prepared(out)
+    whole = open_prepared(
         prepare_dataset(tmp_path / "one_shard", "text", source, "data.val_split=head", "data.val_tokens=1000")
     )
     stream = all_tokens(whole, "val") + all_tokens(whole, "train")
@@ -128,7 +128,7 @@ def test_head_split_and_fixed_size_shards(gpt2_bpe: None, tmp_path: Path) -> Non
 
 def test_char_tokenizer_over_several_documents_separates_them_by_newline(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "corpus.jsonl", ["abc", "de", "fgh", "ij"] * 10)
-    dataset = TokenDataset(prepare_dataset(tmp_path, "text", source, "data.tokenizer=char"))
+    dataset = open_prepared(prepare_dataset(tmp_path, "text", source, "data.tokenizer=char"))
     text = dataset.tokenizer.decode(all_tokens(dataset, "train") + all_tokens(dataset, "val"))
     assert text == "\n".join(["abc", "de", "fgh", "ij"] * 10)
     # the last 10% of the characters (the last 4 documents), each with its separator
@@ -186,11 +186,12 @@ def test_hugging_face_source(gpt2_bpe: None, tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     overrides = ("data.val_tokens=50", f"data.streaming={streaming}")
-    dataset = TokenDataset(prepare_dataset(tmp_path, "fineweb_edu", "hf:org/corpus", *overrides))
+    dataset = open_prepared(prepare_dataset(tmp_path, "fineweb_edu", "hf:org/corpus", *overrides))
     assert seen == {"name": "org/corpus", "config": "sample-10BT", "split": "train", "streaming": streaming}
     enc = TiktokenTokenizer("gpt2")
     assert enc.decode(all_tokens(dataset, "val") + all_tokens(dataset, "train")) == "<|endoftext|>".join(docs)
-    assert dataset.meta.tokens["val"] == 50 and dataset.meta.source == "hf:org/corpus (sample-10BT)"
+    assert dataset.meta.tokens["val"] == 50
+    assert dataset.meta.settings["source"] == "hf:org/corpus" and dataset.meta.settings["hf_name"] == "sample-10BT"
 
 
 def test_unreachable_hugging_face_dataset_names_it_and_the_local_fix(
@@ -246,7 +247,7 @@ def test_leading_empty_documents_and_odd_text(gpt2_bpe: None, tmp_path: Path) ->
     lines = [{"text": ""}, {"text": None}, {"text": "Hello world"}, {"text": "a\ud800b"}, {"text": "x " * 50}]
     source = tmp_path / "odd.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    dataset = TokenDataset(prepare_dataset(tmp_path, "text", source))
+    dataset = open_prepared(prepare_dataset(tmp_path, "text", source))
     tokens = all_tokens(dataset, "train") + all_tokens(dataset, "val")
     enc = TiktokenTokenizer("gpt2")
     assert tokens[:2] == enc.encode("Hello world") and tokens[2] == EOT
@@ -295,7 +296,7 @@ def test_overwrite_interrupted_while_publishing_finishes_on_the_next_run(
 def test_parquet_category_column_is_text(gpt2_bpe: None, tmp_path: Path) -> None:
     docs = ["alpha beta", "gamma delta", "alpha beta"] * 10
     pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode()}), tmp_path / "cats.parquet")
-    dataset = TokenDataset(prepare_dataset(tmp_path, "text", tmp_path / "cats.parquet"))
+    dataset = open_prepared(prepare_dataset(tmp_path, "text", tmp_path / "cats.parquet"))
     assert TiktokenTokenizer("gpt2").decode(all_tokens(dataset, "train") + all_tokens(dataset, "val")) == (
         "<|endoftext|>".join(docs)
     )

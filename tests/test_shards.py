@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.shards import HEADER, ShardWriter, open_shard, read_header
 from hydragpt.errors import UserError
-from tests.helpers import prepare_dataset, run_script
+from tests.helpers import open_prepared, prepare_dataset, run_script
+
+
+def redo() -> str:
+    return "re-run prepare.py with overwrite=true"
 
 
 def test_writer_fills_fixed_size_shards_and_reader_maps_them(tmp_path: Path) -> None:
@@ -23,10 +26,11 @@ def test_writer_fills_fixed_size_shards_and_reader_maps_them(tmp_path: Path) -> 
         writer.close()
         assert writer.shard_sizes == [100, 100, 50] and not list(tmp_path.glob("*.partial"))
         shards = [
-            open_shard(tmp_path / f, np.dtype(dtype), n) for f, n in zip(writer.files, writer.shard_sizes, strict=False)
+            open_shard(tmp_path / f, np.dtype(dtype), n, redo)
+            for f, n in zip(writer.files, writer.shard_sizes, strict=False)
         ]
         assert np.concatenate(shards).tolist() == tokens.tolist()
-        assert read_header(tmp_path / writer.files[0]) == (np.dtype(dtype), 100)
+        assert read_header(tmp_path / writer.files[0], redo) == (np.dtype(dtype), 100)
 
 
 @pytest.fixture
@@ -81,7 +85,7 @@ def test_damaged_shards_give_one_line_errors(dataset_dir: Path, corrupt, message
     corrupt(dataset_dir / "train_000000.bin", meta)
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match=message):
-        TokenDataset(dataset_dir)
+        open_prepared(dataset_dir)
     result = run_script("peek", f"paths.data_dir={dataset_dir.parent}")
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()

@@ -1,14 +1,19 @@
 """Prepared datasets on disk: `meta.json` plus each split's token shards, read as one memory-mapped array.
 
 A prepared dataset directory holds `train_000000.bin, ...` and `val_000000.bin, ...` (see `shards.py`) and
-`meta.json`: tokenizer description, vocab size, token dtype, source, and the shard list with each shard's
-token count. meta.json is written last, so its presence marks a finished preparation.
+`meta.json`: tokenizer description, vocab size, token dtype, the `data.*` settings it was prepared with, the
+shard list with each shard's token count and sha256, and the dataset's fingerprint (a sha256 over the
+tokenizer and that list), which checkpoints carry to tell their data apart. meta.json is written last, so its
+presence marks a finished preparation.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,27 @@ from hydragpt.data.tokenizer import Tokenizer, token_dtype, tokenizer_from_descr
 from hydragpt.errors import UserError
 
 META_FILE = "meta.json"
-META_FORMAT = 2
+META_FORMAT = 3  # 3: the data.* settings it was prepared with, a sha256 per shard, the dataset's fingerprint
 SPLITS = ("train", "val")
+# The data.* settings that decide which tokens a dataset holds: a run asking for other values than its
+# meta.json records would train on data its config does not describe. (data.source is recorded too, but a
+# local copy of the default URL is the same corpus: only prepare.py compares it, when it is given.)
+TOKEN_SETTINGS = (
+    "tokenizer",
+    "val_split",
+    "val_fraction",
+    "val_tokens",
+    "split_seed",
+    "text_field",
+    "hf_name",
+    "hf_split",
+)
+# The split knobs each data.val_split leaves unread: a difference there changes no token.
+_UNREAD = {"tail": {"val_tokens", "split_seed"}, "docs": {"val_tokens"}, "head": {"val_fraction", "split_seed"}}
+
+# The prepare.py command that makes a dataset, for the fix of an error about it: called only when an error
+# needs it (deriving the command composes Hydra's config, which takes a while).
+PrepareCommand = Callable[[], str]
 
 
 @dataclass
@@ -30,10 +54,31 @@ class DatasetMeta:
     tokenizer: dict[str, Any]
     vocab_size: int
     dtype: str
-    source: str
+    settings: dict[str, Any]  # the data.* values it was prepared with: TOKEN_SETTINGS and source (as given)
     documents: int
     tokens: dict[str, int]  # per split
-    shards: dict[str, list[dict[str, Any]]]  # per split: [{"file": "train_000000.bin", "tokens": n}, ...]
+    shards: dict[str, list[dict[str, Any]]]  # per split: [{"file": "train_000000.bin", "tokens": n, "sha256": h}]
+    fingerprint: str  # dataset_fingerprint(tokenizer, shards)
+
+
+def dataset_fingerprint(tokenizer: dict[str, Any], shards: dict[str, list[dict[str, Any]]]) -> str:
+    """sha256 over the tokenizer description and the ordered (split, file, tokens, sha256) of every shard:
+    equal fingerprints, equal tokens, computed from meta.json alone (no shard is read)."""
+    listing = [[split, s["file"], s["tokens"], s["sha256"]] for split in SPLITS for s in shards.get(split, [])]
+    text = json.dumps([tokenizer, listing], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def token_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What meta.json records of a data config (a DataConfig as a dict): TOKEN_SETTINGS and the source."""
+    return {key: data.get(key) for key in (*TOKEN_SETTINGS, "source")}
+
+
+def setting_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """The `keys` whose values differ between the settings a dataset was prepared with and those asked
+    for; a split knob that neither side's val_split reads is no difference."""
+    unread = _UNREAD.get(recorded.get("val_split"), set()) & _UNREAD.get(wanted.get("val_split"), set())
+    return [key for key in keys if key not in unread and recorded.get(key) != wanted.get(key)]
 
 
 def write_meta(dataset_dir: Path, meta: DatasetMeta) -> None:
@@ -42,25 +87,31 @@ def write_meta(dataset_dir: Path, meta: DatasetMeta) -> None:
     os.replace(tmp, dataset_dir / META_FILE)
 
 
-def read_meta(dataset_dir: Path) -> DatasetMeta:
+def read_meta(dataset_dir: Path, prepare_command: PrepareCommand) -> DatasetMeta:
+    """The dataset's meta.json, checked; `prepare_command` gives the command that prepares it, for the fix."""
     path = dataset_dir / META_FILE
-    name = dataset_dir.name
-    redo = f"re-run `python scripts/prepare.py data={name} overwrite=true`"
     if not path.is_file():
         raise UserError(
-            f"dataset '{name}' is not prepared: {path} not found",
-            f"run `python scripts/prepare.py data={name}` first",
+            f"dataset '{dataset_dir.name}' is not prepared: {path} not found", f"run `{prepare_command()}` first"
         )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as ex:
-        raise UserError(f"{path} is not a valid dataset description", redo) from ex
+        raise UserError(f"{path} is not a valid dataset description", _redo(prepare_command)) from ex
     if not isinstance(raw, dict) or raw.get("format") != META_FORMAT:
-        raise UserError(f"{path} was written by another version of hydragpt's prepare", redo)
+        raise UserError(f"{path} was written by another version of hydragpt's prepare", _redo(prepare_command))
     try:
-        return DatasetMeta(**raw)
-    except TypeError as ex:
-        raise UserError(f"{path} is not a valid dataset description", redo) from ex
+        meta = DatasetMeta(**raw)
+        valid = meta.fingerprint == dataset_fingerprint(meta.tokenizer, meta.shards)
+    except (TypeError, KeyError, AttributeError) as ex:
+        raise UserError(f"{path} is not a valid dataset description", _redo(prepare_command)) from ex
+    if not valid:
+        raise UserError(f"{path} was edited: its fingerprint does not match its shard list", _redo(prepare_command))
+    return meta
+
+
+def _redo(prepare_command: PrepareCommand) -> str:
+    return f"re-run `{prepare_command()} overwrite=true`"
 
 
 class SplitTokens:
@@ -156,27 +207,28 @@ class TokenDataset:
     """The train and val splits of one prepared dataset, memory-mapped once and shared by all loaders.
 
     Each shard is mapped a single time for the life of the dataset (no re-opening per batch, no handle
-    growth); reads copy only the windows a batch needs.
+    growth); reads copy only the windows a batch needs. `prepare_command` gives the command that prepares
+    the dataset, for the fix of an error about it.
     """
 
-    def __init__(self, dataset_dir: Path) -> None:
+    def __init__(self, dataset_dir: Path, prepare_command: PrepareCommand) -> None:
         self.dir = dataset_dir
-        self.meta = read_meta(dataset_dir)
+        self.meta = read_meta(dataset_dir, prepare_command)
         self.tokenizer: Tokenizer = tokenizer_from_description(self.meta.tokenizer)
         dtype = np.dtype(self.meta.dtype)
-        redo = f"re-run `python scripts/prepare.py data={dataset_dir.name} overwrite=true`"
+        redo = functools.partial(_redo, prepare_command)
         if self.tokenizer.vocab_size != self.meta.vocab_size or dtype != token_dtype(self.meta.vocab_size):
             raise UserError(
                 f"{dataset_dir / META_FILE} is inconsistent: vocab {self.meta.vocab_size} stored as {dtype.name}, "
                 f"tokenizer vocab {self.tokenizer.vocab_size}",
-                redo,
+                redo(),
             )
         _allow_open_files(sum(len(shards) for shards in self.meta.shards.values()))
         self.splits: dict[str, SplitTokens] = {}
         for split in SPLITS:
             shards = self.meta.shards.get(split, [])
             files = [dataset_dir / shard["file"] for shard in shards]
-            tokens = [open_shard(path, dtype, shard["tokens"]) for path, shard in zip(files, shards, strict=True)]
+            tokens = [open_shard(path, dtype, shard["tokens"], redo) for path, shard in zip(files, shards, strict=True)]
             self.splits[split] = SplitTokens(tokens, files)
         for split, tokens in self.splits.items():
             head = tokens.shards[0][:4096] if tokens.shards else np.empty(0, dtype)
@@ -184,15 +236,16 @@ class TokenDataset:
                 raise UserError(
                     f"the {split} split of '{dataset_dir.name}' holds token id {int(head.max())}, outside its "
                     f"vocabulary of {self.meta.vocab_size}",
-                    redo,
+                    redo(),
                 )
 
-    def require_block(self, block_size: int) -> None:
-        """Every split must hold at least one window of block_size inputs plus the next-token target."""
+    def require_block(self, block_size: int, knob: str = "model.block_size") -> None:
+        """Every split must hold at least one window of block_size inputs plus the next-token target;
+        `knob` is the setting that shortens the block (train.crop_block_size for a run from weights)."""
         for split, tokens in self.splits.items():
             if len(tokens) < block_size + 1:
                 raise UserError(
                     f"the {split} split of '{self.dir.name}' has {len(tokens)} tokens, fewer than one block "
                     f"(block_size + 1 = {block_size + 1})",
-                    "use a smaller model.block_size or a larger corpus",
+                    f"use a smaller {knob} or a larger corpus",
                 )

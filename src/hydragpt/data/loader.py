@@ -132,6 +132,7 @@ class SequentialBatchLoader(_WindowLoader):
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        block_knob: str = "model.block_size",
     ) -> None:
         super().__init__(tokens, batch_size, block_size, device, rank, world_size)
         self.n_windows = (len(tokens) - 1) // block_size
@@ -139,7 +140,7 @@ class SequentialBatchLoader(_WindowLoader):
             raise UserError(
                 f"the training split has {self.n_windows} windows of block_size {block_size}, fewer than one "
                 f"step's batch_size x world_size = {batch_size} x {world_size}",
-                "use a smaller train.batch_size or model.block_size, a larger corpus, or data.sampling=random",
+                f"use a smaller train.batch_size or {block_knob}, a larger corpus, or data.sampling=random",
             )
         self.position = 0
 
@@ -183,11 +184,13 @@ def build_train_loader(
     device: torch.device,
     rank: int,
     world_size: int,
+    block_knob: str = "model.block_size",
 ) -> BatchLoader:
-    """The training loader for `data.sampling`, dealing rank `rank`'s share of each global batch."""
+    """The training loader for `data.sampling`, dealing rank `rank`'s share of each global batch;
+    `block_knob` is the setting that shortens the block, named when the data is too short for it."""
     if sampling == "random":
         return RandomBatchLoader(tokens, batch_size, block_size, seed, device, rank, world_size)
-    return SequentialBatchLoader(tokens, batch_size, block_size, device, rank, world_size)
+    return SequentialBatchLoader(tokens, batch_size, block_size, device, rank, world_size, block_knob)
 
 
 class Prefetcher:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import asdict
 
 from hydragpt.config import PeekConfig
-from hydragpt.data.dataset import TokenDataset
+from hydragpt.data.identity import open_dataset
 from hydragpt.errors import UserError
 
 
-def peek(cfg: PeekConfig) -> str:
-    """A one-line summary of the split, then the decoded tokens [offset, offset + n_tokens)."""
-    dataset = TokenDataset(Path(cfg.paths.data_dir) / cfg.data.name)
+def peek(cfg: PeekConfig, data_choice: str | None = None) -> str:
+    """A one-line summary of the split, then the decoded tokens [offset, offset + n_tokens). The dataset must
+    have been prepared with the settings `cfg.data` gives (of `data=<data_choice>`, to name in a fix)."""
+    dataset = open_dataset(data_choice, asdict(cfg.data), cfg.paths.data_dir)
     tokens = dataset.splits[cfg.split]
     if cfg.offset >= len(tokens):
         raise UserError(

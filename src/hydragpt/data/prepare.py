@@ -19,9 +19,11 @@ done and how far each split's partial shard got, and re-running with the same se
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -36,7 +38,19 @@ import numpy as np
 from tqdm import tqdm
 
 from hydragpt.config import PrepareConfig
-from hydragpt.data.dataset import META_FILE, META_FORMAT, SPLITS, DatasetMeta, read_meta, write_meta
+from hydragpt.data.dataset import (
+    META_FILE,
+    META_FORMAT,
+    SPLITS,
+    TOKEN_SETTINGS,
+    DatasetMeta,
+    dataset_fingerprint,
+    read_meta,
+    setting_differences,
+    token_settings,
+    write_meta,
+)
+from hydragpt.data.identity import another_name, command_for, listed
 from hydragpt.data.shards import PARTIAL_SUFFIX, ShardWriter
 from hydragpt.data.sources import JSONL, Batch, Source, batches, open_source
 from hydragpt.data.tokenizer import (
@@ -82,7 +96,10 @@ def _texts(batch: Batch, text_field: str) -> list[str]:
             try:
                 text = json.loads(record)[text_field]
             except (json.JSONDecodeError, UnicodeDecodeError, TypeError, RecursionError) as ex:
-                raise UserError(f"{origin} has a line that is not a JSON object: {record[:60]!r}", "fix it") from ex
+                raise UserError(
+                    f"{origin} has a line that is not a JSON object: {record[:60]!r}",
+                    "fix or remove that line: each line of a .jsonl file is one JSON object",
+                ) from ex
             except KeyError:
                 raise UserError(
                     f"{origin} has a record without the field '{text_field}'",
@@ -296,18 +313,45 @@ def _publish(staging: Path, dataset_dir: Path, meta: DatasetMeta) -> None:
     shutil.rmtree(staging)
 
 
-def _already_prepared(dataset_dir: Path) -> bool:
-    if not (dataset_dir / META_FILE).is_file():
-        return False
-    read_meta(dataset_dir)  # a meta.json from another version is an error that says to overwrite
-    return True
+def source_given(overrides: list[str]) -> bool:
+    """Whether a prepare.py command line (Hydra's task overrides) sets data.source itself: a dataset prepared
+    from another source is then not the one asked for (the default URL's local copy is)."""
+    return any(override.split("=", 1)[0].lstrip("+~") == "data.source" for override in overrides)
 
 
-def prepare(cfg: PrepareConfig) -> Path:
-    """Tokenize the corpus into train/val shards; idempotent, and resumable, unless `overwrite` is set."""
+def prepared_differently(recorded: dict[str, Any], asked: dict[str, Any], compare_source: bool) -> dict[str, Any]:
+    """The token settings (and the source, if compared) asked for that differ from those recorded."""
+    keys = (*TOKEN_SETTINGS, "source") if compare_source else TOKEN_SETTINGS
+    return {key: asked[key] for key in setting_differences(recorded, asked, keys)}
+
+
+def _refuse_other_settings(cfg: PrepareConfig, dataset_dir: Path, command_line: list[str] | None) -> None:
+    """An existing dataset prepared otherwise is not the one asked for: say so rather than "already prepared"."""
+    if command_line is None:  # called as a library: the fix names a command that prepares the same
+        this_command = command_for(None, asdict(cfg.data), cfg.paths.data_dir)
+    else:
+        this_command = functools.partial(shlex.join, ["python", "scripts/prepare.py", *command_line])
+    meta = read_meta(dataset_dir, this_command)
+    asked = prepared_differently(meta.settings, token_settings(asdict(cfg.data)), source_given(command_line or []))
+    if asked:
+        was = listed({key: meta.settings.get(key) for key in asked})
+        raise UserError(
+            f"{dataset_dir} was prepared with {was}, not {listed(asked)} as asked",
+            f"add overwrite=true to replace it, or data.name={another_name(cfg.data.name, asked)} to prepare"
+            " these as another dataset",
+        )
+
+
+def prepare(cfg: PrepareConfig, command_line: list[str] | None = None) -> Path:
+    """Tokenize the corpus into train/val shards; idempotent, and resumable, unless `overwrite` is set.
+
+    `command_line` is prepare.py's own (Hydra's task overrides): a prepared dataset's source is compared
+    with data.source only when it sets data.source.
+    """
     d = cfg.data
     dataset_dir = Path(cfg.paths.data_dir) / d.name
-    if not cfg.overwrite and _already_prepared(dataset_dir):
+    if not cfg.overwrite and (dataset_dir / META_FILE).is_file():
+        _refuse_other_settings(cfg, dataset_dir, command_line)
         log.info("%s is already prepared in %s (overwrite=true to redo it)", d.name, dataset_dir)
         if any((dataset_dir / STAGING_DIR / record).exists() for record in (PROGRESS_FILE, PUBLISH_FILE)):
             log.warning(
@@ -329,7 +373,7 @@ def _prepare(cfg: PrepareConfig, dataset_dir: Path) -> Path:
     staging = dataset_dir / STAGING_DIR
     fingerprint = _fingerprint(cfg, source)
     finished = _load_record(staging, PUBLISH_FILE, fingerprint, cfg.overwrite)
-    if finished is not None:
+    if finished is not None and finished["meta"].get("format") == META_FORMAT:  # else an older hydragpt's
         log.info("finishing an interrupted preparation: every shard was done")
         _publish(staging, dataset_dir, DatasetMeta(**finished["meta"]))
         return dataset_dir
@@ -421,21 +465,27 @@ def _dataset_meta(
 ) -> DatasetMeta:
     """The finished dataset's description, once both splits are checked to hold tokens."""
     d = cfg.data
+    shards = {
+        split: [
+            {"file": f, "tokens": n, "sha256": h}
+            for f, n, h in zip(w.files, w.shard_sizes, w.shard_sha256, strict=True)
+        ]
+        for split, w in writers.items()
+    }
     meta = DatasetMeta(
         format=META_FORMAT,
         tokenizer=tokenizer.describe(),
         vocab_size=tokenizer.vocab_size,
         dtype=token_dtype(tokenizer.vocab_size).name,
-        source=d.source + (f" ({d.hf_name})" if d.hf_name else ""),
+        settings=token_settings(asdict(d)),
         documents=documents,
         tokens={split: sum(writer.shard_sizes) for split, writer in writers.items()},
-        shards={
-            split: [{"file": f, "tokens": n} for f, n in zip(w.files, w.shard_sizes, strict=True)]
-            for split, w in writers.items()
-        },
+        shards=shards,
+        fingerprint=dataset_fingerprint(tokenizer.describe(), shards),
     )
     if not any(meta.tokens.values()):
-        raise UserError(f"the corpus {meta.source} is empty", "point data.source at a non-empty text corpus")
+        source = d.source + (f" ({d.hf_name})" if d.hf_name else "")
+        raise UserError(f"the corpus {source} is empty", "point data.source at a non-empty text corpus")
     if meta.tokens["train"] == 0 or meta.tokens["val"] == 0:
         empty = "train" if meta.tokens["train"] == 0 else "val"
         raise UserError(

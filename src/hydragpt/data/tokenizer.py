@@ -53,7 +53,7 @@ class CharTokenizer:
             shown = ", ".join(repr(ch) for ch in unknown[:10])
             raise UserError(
                 f"text has {len(unknown)} character(s) outside the char vocabulary: {shown}",
-                "use only characters that occur in the training data",
+                "use only characters that occur in the training data (peek.py shows them)",
             ) from None
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -104,6 +104,18 @@ class TiktokenTokenizer:
         return {"kind": "tiktoken", "name": self.name}
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str, key: str) -> list[int]:
+    """A prompt the user gave as `key`, encoded; one the tokenizer cannot encode, or that encodes to
+    nothing, is an error naming `key`."""
+    try:
+        ids = tokenizer.encode(text)
+    except UserError as ex:
+        raise UserError(f"{key}: {ex.what}", ex.fix) from None
+    if not ids:
+        raise UserError(f"{key} is empty", f'give {key}="<some text>" (the default is a newline)')
+    return ids
+
+
 def tiktoken_encodings() -> list[str]:
     import tiktoken
 
@@ -116,7 +128,10 @@ def tokenizer_from_description(desc: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(desc["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(desc["name"])
-    raise UserError(f"unknown tokenizer kind {kind!r}", "the dataset or checkpoint was written by another tool")
+    raise UserError(
+        f"unknown tokenizer kind {kind!r}: the dataset or checkpoint was written by another tool",
+        "prepare the dataset again (prepare.py ... overwrite=true), or use a checkpoint hydragpt wrote",
+    )
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -58,7 +58,7 @@ class Checkpointer:
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     loader: BatchLoader
-    metadata: dict[str, Any]  # model_config, tokenizer, config, config_choices: what a checkpoint describes itself by
+    metadata: dict[str, Any]  # model_config, tokenizer, config, config_choices, data: what a checkpoint says it is
     seed: int
     saved: tuple[int, Path] | None = None  # the step and file of the newest checkpoint written
 
