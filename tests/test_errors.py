@@ -139,7 +139,7 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_with_its_fix(trained_run: 
     ckpt = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
     torch.save({**ckpt, "version": 1}, old)
     result = run_script("sample", f"ckpt={old}")
-    assert_user_error(result, "has checkpoint version 1, this hydragpt reads version 2")
+    assert_user_error(result, "has checkpoint version 1, this hydragpt reads version 3")
     assert "use the hydragpt release that wrote it, or train it again" in result.stderr
 
 
@@ -177,7 +177,12 @@ def test_checkpoint_vocab_must_match_the_data(trained_run: Path, tmp_path: Path)
     other.write_text("0123456789 " * 500)
     assert run_script("prepare", f"paths.data_dir={tmp_path}", f"data.source={other}").returncode == 0
     result = train(tmp_path, tmp_path, f"train.init_from={trained_run}")
-    assert_user_error(result, "the checkpoint's vocabulary does not match dataset 'shakespeare_char'")
+    assert_user_error(
+        result,
+        "was trained with another tokenizer than dataset 'shakespeare_char' was prepared with",
+        "(it trained on data=shakespeare_char)",
+        "train.init_from=scratch",
+    )
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path: Path, data_dir: Path) -> None:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from hydragpt.config import eval_config, sample_config
 from hydragpt.engine.checkpoint import load_checkpoint
@@ -151,7 +154,13 @@ def test_a_model_too_large_for_the_machine_is_refused_before_allocating(train_ru
     assert_user_error(result, "the model has 240.0B parameters", "for its weights alone", "make it smaller")
 
 
-def test_running_out_of_memory_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_running_out_of_memory_is_one_error_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fix names what the script that ran out of memory can lower (sample.py's own knobs here)."""
+    hydra = {"job": {"config_name": "sample"}, "mode": RunMode.RUN}
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.create({"hydra": hydra}))
+
     @user_errors_exit
     def task() -> None:
         raise RuntimeError(
@@ -163,6 +172,6 @@ def test_running_out_of_memory_is_one_error_line(capsys: pytest.CaptureFixture[s
         task()
     assert exited.value.code == 2
     assert capsys.readouterr().err == (
-        "error: out of memory: can't allocate memory: you tried to allocate 120000000000 bytes (lower"
-        " train.batch_size (train.grad_accum_steps keeps the tokens per step) or the model's size)\n"
+        "error: out of memory: can't allocate memory: you tried to allocate 120000000000 bytes (lower num_samples"
+        " or max_new_tokens, or use device=cpu)\n"
     )

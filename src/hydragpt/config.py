@@ -10,6 +10,7 @@ back plain objects, or a `UserError` that names the bad value and how to fix it,
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import MISSING as NO_DEFAULT
@@ -19,7 +20,7 @@ from typing import Any, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from hydragpt.data.dataset import SPLITS
 from hydragpt.data.tokenizer import tiktoken_encodings
@@ -50,10 +51,11 @@ def only_with(config: Any, name: str, active: bool, needs: str, prefix: str = ""
     ignored. Set means: not its default."""
     value = getattr(config, name)
     default = next(f.default for f in fields(config) if f.name == name)
+    typed = "null" if default is None else json.dumps(default) if isinstance(default, str) else default
     require(
         active or value == default,
         f"{prefix}{name}={value} has no effect without {needs}",
-        f"set {needs} too, or drop {prefix}{name}",
+        f"set {needs} too, or leave {prefix}{name} at its default: {prefix}{name}={typed}",
     )
 
 
@@ -275,7 +277,7 @@ def check_numbers(node: Any, key: str = "", fix: str = "") -> None:
             check_numbers(value, f"{key}.{name}".lstrip("."), fix)
     elif isinstance(node, list):
         for value in node:
-            check_numbers(value, key, "give non-negative numbers")
+            check_numbers(value, key, "give numbers >= 0 in the list")
     elif isinstance(node, (int, float)) and not isinstance(node, bool):
         require(not isinstance(node, float) or math.isfinite(node), f"{key}={node} is not a finite number", fix)
         require(node >= 0, f"{key} must be >= 0, got {node}", fix)
@@ -285,6 +287,8 @@ def check_numbers(node: Any, key: str = "", fix: str = "") -> None:
 def invalid_value(ex: OmegaConfBaseException) -> UserError:
     key = getattr(ex, "full_key", None) or "?"
     reason = str(ex).splitlines()[0]
+    if isinstance(ex, MissingMandatoryValue):
+        return UserError(f"{key} has no value and needs one", f"give {key}=<value>")
     return UserError(
         f"invalid config value at '{key}': {reason}",
         "check the key's spelling and type; `--cfg job` prints the composed config",
@@ -350,7 +354,7 @@ def sample_config(cfg: DictConfig) -> SampleConfig:
     require(all(typed.stop), "stop strings must not be empty", "e.g. stop=['\\n\\n']")
     validate_output_file(typed.out, "out")
     for name in ("start", "num_samples", "out", "format"):
-        only_with(typed, name, not typed.chat, "chat=false (a chat reads its prompts from the input)")
+        only_with(typed, name, not typed.chat, "chat=false")  # a chat reads its prompts from the input
     return typed
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,7 +30,12 @@ _HYDRA_NOISE = (
     "To append to your config",
     "reference_type=",
     "provider=",
+    "To append to your default list",  # `+group=option`: no script takes a group it does not list
 )
+# Hydra messages whose fix we know better than a generic pointer: what the first line says, and the fix.
+_HYDRA_FIXES = {
+    "No match in the defaults list": "this script has no such config group: `--cfg job` prints the keys it takes",
+}
 
 
 # ValueErrors that are the user's to fix, raised by Hydra's command-line parser (`-m --cfg job`) and by
@@ -151,12 +156,24 @@ def _out_of_memory(ex: BaseException) -> bool:
     return isinstance(ex, MemoryError) or any(marker in str(ex) for marker in _OUT_OF_MEMORY)
 
 
+# What to lower when a script runs out of memory, by its config's name.
+_MEMORY_FIXES = {
+    "train": "lower train.batch_size (train.grad_accum_steps keeps the tokens per step) or the model's size",
+    "sample": "lower num_samples or max_new_tokens, or use device=cpu",
+    "eval": "lower batch_size, or use device=cpu",
+    "prepare": "lower workers or task_mb",
+    "bench_prepare": "lower workers or task_mb",
+    "bench_sample": "lower num_samples or max_new_tokens",
+}
+
+
 def _memory_error(ex: BaseException) -> UserError:
     """The device ran out of memory: the sizes the user chose are too large for it."""
     detail = (str(ex).strip().splitlines() or [type(ex).__name__])[0]
+    script = HydraConfig.get().job.config_name if HydraConfig.initialized() else ""
     return UserError(
         f"out of memory: {detail.rpartition('DefaultCPUAllocator: ')[2].partition('. Error code')[0]}",
-        "lower train.batch_size (train.grad_accum_steps keeps the tokens per step) or the model's size",
+        _MEMORY_FIXES.get(script, "free memory, or ask for less work"),
     )
 
 
@@ -171,22 +188,29 @@ def _blocks(lines: list[str]) -> list[list[str]]:
     return blocks
 
 
+_QUOTE_FIX = "quote a value with spaces or symbols, e.g. \"start='What? (no)'\""
+
+
 def _one_line(ex: BaseException) -> str:
     """Hydra's and OmegaConf's messages span several lines: keep the first as the "what" and fold the
     useful rest (the cause, "Available options in 'model': a, b, c") into the parenthesis."""
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse the override '{ex.override}' ({_QUOTE_FIX})"
     text = str(ex)
     if isinstance(ex.__cause__, OmegaConfBaseException):
         text += "\n" + str(ex.__cause__)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return f"{type(ex).__name__} (run with HYDRA_FULL_ERROR=1 for details)"
+    if fix := next((fix for says, fix in _HYDRA_FIXES.items() if says in lines[0]), None):
+        return f"{lines[0]} ({fix})"
     details: list[str] = []
     for block in _blocks(lines[1:]):
         header, items = block[0], block[1:]
         if header.startswith(_HYDRA_NOISE):
             continue
         details.append(f"{header} {', '.join(items)}" if items else header)
-    details.append("`--help` lists config groups and options, `--cfg job` shows the composed config")
+    details.append("`--cfg job` shows the composed config")
     return f"{lines[0]} ({'; '.join(details)})"
 
 

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hydragpt.config import EvalConfig, HellaswagConfig
-from hydragpt.data.dataset import TokenDataset
+from hydragpt.config import DataConfig, EvalConfig, HellaswagConfig
+from hydragpt.data.dataset import PrepareCommand, SplitTokens, TokenDataset
+from hydragpt.data.identity import command_for, open_dataset, other_data
 from hydragpt.data.loader import to_device_batch
-from hydragpt.data.tokenizer import Tokenizer
+from hydragpt.data.tokenizer import CHAR, Tokenizer
 from hydragpt.engine import distributed
 from hydragpt.engine.parallel import DataParallel
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
@@ -42,20 +43,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.out and env.is_main:  # now, not after the work: a path that cannot be made fails first
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         ckpt, name = load_source(cfg.ckpt, cfg.init_from, Path(cfg.paths.output_dir))
-        device = resolve_device(cfg.device, env.local_rank if env.is_distributed else None)
+        device = resolve_device(cfg.device, env.local_rank if env.is_distributed else None, key="device")
         dtype = resolve_dtype(cfg.dtype, device)
         model, tokenizer = load_model(ckpt, device)
         log.info("evaluating %s on %s: %s", name, device, cfg.task)
         with torch.no_grad(), autocast(device, dtype):
             if cfg.task == "val_loss":
-                dataset = cfg.dataset or (ckpt["config"]["data"]["name"] if "config" in ckpt else None)
-                if dataset is None:
-                    raise UserError("a pretrained model has no dataset of its own", "give dataset=<prepared dataset>")
-                if TokenDataset(Path(cfg.paths.data_dir) / dataset).meta.tokenizer != ckpt["tokenizer"]:
-                    raise UserError(
-                        f"the model's tokenizer is not dataset '{dataset}'s", "score it on a dataset of its tokenizer"
-                    )
-                result = split_loss(model, Path(cfg.paths.data_dir) / dataset, cfg, env)
+                result = split_loss(model, dataset_to_score(cfg, ckpt).splits[cfg.split], cfg, env)
             else:
                 result = hellaswag(model, tokenizer, cfg, env)
         if env.is_main:
@@ -67,10 +61,44 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         distributed.shutdown()
 
 
-def split_loss(model: GPT, dataset_dir: Path, cfg: EvalConfig, env: distributed.DistEnv) -> dict[str, Any]:
+def dataset_to_score(cfg: EvalConfig, ckpt: dict[str, Any]) -> TokenDataset:
+    """The checkpoint's own dataset (`dataset=null`), which must hold the very tokens it trained on, or the
+    one `dataset=` names, which must have the model's tokenizer."""
+    own = ckpt["config"]["data"] if "config" in ckpt else None  # none for a pretrained import
+    if cfg.dataset is None and own is None:
+        raise UserError("a pretrained model has no dataset of its own", "give dataset=<prepared dataset>")
+    if cfg.dataset is None:
+        data = open_dataset(ckpt["config_choices"].get("data"), own, cfg.paths.data_dir, compare=False)
+        if difference := other_data(ckpt.get("data"), data.meta):
+            raise UserError(
+                f"{data.dir} holds other data than the checkpoint trained on ({difference})",
+                f"dataset={own['name']} scores it anyway; or point paths.data_dir at the data the run trained on",
+            )
+        return data
+    data = TokenDataset(Path(cfg.paths.data_dir) / cfg.dataset, _command_for_named(cfg, ckpt, own))
+    if data.meta.tokenizer != ckpt["tokenizer"]:
+        trained_on = f", e.g. dataset={own['name']}, the one it trained on" if own else ""
+        raise UserError(
+            f"dataset '{cfg.dataset}' was prepared with another tokenizer than the model's",
+            f"give dataset=<a dataset prepared with the model's tokenizer>{trained_on}",
+        )
+    return data
+
+
+def _command_for_named(cfg: EvalConfig, ckpt: dict[str, Any], own: dict[str, Any] | None) -> PrepareCommand:
+    """How to prepare the dataset `dataset=` names: the checkpoint's own way if it is its own, else as a
+    corpus of one's own with the model's tokenizer."""
+    if own is not None and own["name"] == cfg.dataset:
+        return command_for(ckpt["config_choices"].get("data"), own, cfg.paths.data_dir)
+    tokenizer = ckpt["tokenizer"].get("name", CHAR)  # a tiktoken encoding's name, or char
+    return command_for(
+        "text", {**asdict(DataConfig()), "name": cfg.dataset, "tokenizer": tokenizer}, cfg.paths.data_dir
+    )
+
+
+def split_loss(model: GPT, tokens: SplitTokens, cfg: EvalConfig, env: distributed.DistEnv) -> dict[str, Any]:
     """Mean next-token loss over every token of the split: consecutive block_size windows, each token
     predicted once (the first token of the split has no context and is not scored)."""
-    tokens = TokenDataset(dataset_dir).splits[cfg.split]
     block = model.config.block_size
     device = next(model.parameters()).device
     starts = np.arange(0, len(tokens) - 1, block, dtype=np.int64)
@@ -211,9 +239,12 @@ def load_hellaswag(cfg: HellaswagConfig, env: distributed.DistEnv) -> list[dict[
 
 def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
     """The official jsonl (one example per line: ctx, endings, label, split_type), downloaded when absent."""
-    official = "give the official hellaswag_val.jsonl: ctx, 4 endings and a label per line"
+    official = (
+        f"point hellaswag.path at the official hellaswag_val.jsonl (ctx, 4 endings and a label per line), or"
+        f" delete {path} to download it again from hellaswag.url"
+    )
     if path.is_dir():
-        raise UserError(f"hellaswag.path={path} is a directory", official)
+        raise UserError(f"hellaswag.path={path} is a directory", "point it at the official hellaswag_val.jsonl")
     if not path.is_file():
         log.info("downloading %s to %s", url, path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +270,7 @@ def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
             raise UserError(f"{path}:{number} is not a HellaSwag example ({type(ex).__name__})", official) from ex
         examples.append(example)
     if not examples:
-        raise UserError(f"{path} holds no examples", "give the official hellaswag_val.jsonl")
+        raise UserError(f"{path} holds no examples", official)
     return examples
 
 

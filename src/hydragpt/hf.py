@@ -52,7 +52,10 @@ def load_pretrained(name: str) -> dict[str, Any]:
     transformers = _transformers()
     source = name.removeprefix(HF_PREFIX)
     if name.startswith(HF_PREFIX) and not (Path(source) / "config.json").is_file():
-        raise UserError(f"{source} is not a Hugging Face model directory (no config.json)", "give hf:<directory>")
+        raise UserError(
+            f"{source} is not a Hugging Face model directory (no config.json)",
+            "give hf:<a directory with config.json and weights, as save_pretrained or scripts/export.py write>",
+        )
     quiet_hub_retries()
     try:
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(source)

@@ -43,7 +43,7 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
-                "choose n_embd as a multiple of n_head, e.g. n_embd=384 n_head=6",
+                "choose n_embd as a multiple of n_head, e.g. model.n_embd=384 model.n_head=6",
             )
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError("model.vocab_size must be >= 1", "or null for the data's")

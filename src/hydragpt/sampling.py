@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from hydragpt.config import MAX_NEW_TOKENS, SampleConfig
-from hydragpt.data.tokenizer import Tokenizer, tokenizer_from_description
+from hydragpt.data.tokenizer import Tokenizer, encode_prompt, tokenizer_from_description
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint, load_weights
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
@@ -117,7 +117,10 @@ def latest_checkpoint(output_dir: Path) -> Path:
     """The most recently written last.pt under the outputs directory (what `make sample` uses)."""
     candidates = list(output_dir.glob(f"**/{CHECKPOINT_DIR}/last.pt"))
     if not candidates:
-        raise UserError(f"no checkpoint under {output_dir}/", "train first (`make train`), or pass ckpt=<path>")
+        raise UserError(
+            f"no checkpoint under {output_dir}/",
+            f"train first (python scripts/train.py paths.output_dir={output_dir}), or pass ckpt=<run dir or .pt file>",
+        )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
@@ -126,7 +129,7 @@ def read_prompt(start: str) -> str:
         return start
     path = Path(start.removeprefix(FILE_PREFIX)).expanduser()
     if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist", "use start=FILE:<path of a text file>")
+        raise UserError(f"prompt file {path} does not exist", "check the path: relative paths start where you launch")
     try:
         return path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as ex:
@@ -247,7 +250,7 @@ def format_samples(prompt: str, completions: list[str], output_format: str) -> s
 def sample(cfg: SampleConfig) -> list[str]:
     """Print `num_samples` continuations of the prompt to stdout (and to `out`), or chat."""
     source, name = load_source(cfg.ckpt, cfg.init_from, Path(cfg.paths.output_dir))
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     dtype = resolve_dtype(cfg.dtype, device)
     log.info("sampling from %s on %s", name, device)
     model, tokenizer = load_model(source, device)
@@ -258,9 +261,7 @@ def sample(cfg: SampleConfig) -> list[str]:
         chat(model, tokenizer, settings, generator, dtype)
         return []
     prompt = read_prompt(cfg.start)
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise UserError("the prompt is empty", 'give start="<some text>" (the default is a newline)')
+    prompt_ids = encode_prompt(tokenizer, prompt, "start")
     completions = complete(model, tokenizer, prompt_ids, cfg.num_samples, settings, generator, dtype)
     output = format_samples(prompt, completions, cfg.format)
     print(output, end="", flush=True)
@@ -293,12 +294,12 @@ def chat(model: GPT, tokenizer: Tokenizer, settings: Settings, generator: torch.
             except UserError as ex:
                 print(f"error: {ex}", file=sys.stderr, flush=True)
             continue
+        if not text:
+            continue
         try:
-            prompt_ids = tokenizer.encode(text)
+            prompt_ids = encode_prompt(tokenizer, text, "your prompt")
         except UserError as ex:
             print(f"error: {ex}", file=sys.stderr, flush=True)
-            continue
-        if not prompt_ids:
             continue
         print(text, end="", flush=True)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops this answer, not the chat

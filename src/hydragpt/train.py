@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hydragpt.data.dataset import read_meta
+from hydragpt.data.identity import prepared_meta
 from hydragpt.engine import distributed
 from hydragpt.engine.builder import build_trainer
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, RESUME_KEYS, load_checkpoint, remove_partial_writes
@@ -43,7 +43,7 @@ def _run_dir(resume: str | None, fresh: str) -> str:
         return fresh
     if not Path(resume).is_dir():
         raise UserError(
-            f"resume={resume} is not a run directory", "give the outputs/<date>/<time> directory to continue"
+            f"resume={resume} is not a run directory", "give the run's directory, <paths.output_dir>/<date>/<time>"
         )
     return resume
 
@@ -92,10 +92,13 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
             continue
         node = OmegaConf.select(config, key, default=None)
         if override.is_delete() or override.is_add() or isinstance(node, DictConfig):
+            fix = "drop it"
+            if key.split(".")[0] not in ("model", "data") and not override.is_add():  # a new run could take it
+                fix += f", or start a new run with it and train.init_from={saved['resume']}"
             raise UserError(
                 f"cannot apply '{override.input_line}' when resuming: only key=value changes of existing values are"
                 " allowed (not config groups, + or ~)",
-                f"drop it, or start a new run with it and train.init_from={saved['resume']}",
+                fix,
             )
         try:
             OmegaConf.update(config, key, override.value(), merge=False)
@@ -106,9 +109,11 @@ def apply_resume_overrides(saved: dict[str, Any], choices: dict[str, str], overr
     for key, why in FROZEN_ON_RESUME.items():
         before, after = OmegaConf.select(original, key), OmegaConf.select(config, key)
         if before != after:
+            new_run = f"start a new run with train.init_from={saved['resume']} instead of resume"
+            if why == _SHAPE:  # weights of one shape cannot start a model of another
+                new_run = "train a model of that shape from scratch"
             raise UserError(
-                f"resume cannot change {key} from {before} to {after}: {why}",
-                f"drop that override, or start a new run with train.init_from={saved['resume']} instead of resume",
+                f"resume cannot change {key} from {before} to {after}: {why}", f"drop that override, or {new_run}"
             )
     assert isinstance(result, dict)
     return result
@@ -126,14 +131,15 @@ def _record_config(run_dir: Path, config: dict[str, Any], more_overrides: list[s
         overrides_file.write_text(yaml.safe_dump([*(previous or []), *more_overrides]))
 
 
-def _pinned_model_keys(hydra_cfg: DictConfig) -> tuple[str, ...]:
-    """The model knobs this command line set: each `model.<key>=`, or every one for a `model=<flavour>`."""
-    keys = []
+def _pinned_model_keys(hydra_cfg: DictConfig) -> dict[str, str]:
+    """The model knobs this command line set, each with the override that set it: `model.<key>=...`, or
+    every knob for `model=<flavour>`."""
+    pinned = {}
     for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
         group, _, key = override.key_or_group.partition(".")
         if group == "model":
-            keys += [key] if key else [f.name for f in fields(GPTConfig)]
-    return tuple(keys)
+            pinned.update({k: override.input_line for k in ([key] if key else [f.name for f in fields(GPTConfig)])})
+    return pinned
 
 
 def train(cfg: DictConfig) -> float:
@@ -209,8 +215,8 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig) -> Trainer:
 
 
 class ValidateConfigCallback(Callback):
-    """Checks the config (and that its dataset is prepared, and that the run directory is not an old run's)
-    before Hydra creates the run directory, so a typo leaves no empty run behind.
+    """Checks the config (and that its dataset is prepared, with its settings, and that the run directory is
+    not an old run's) before Hydra creates the run directory, so a typo leaves no empty run behind.
 
     Registered in conf/hydra/default.yaml. A resumed run is checked later, against its saved config.
     """
@@ -219,7 +225,7 @@ class ValidateConfigCallback(Callback):
         if not config.get("resume"):
             task_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
             exit_on_user_error(lambda: train_config(task_config, distributed.launched_env().world_size))
-            exit_on_user_error(lambda: read_meta(Path(config.paths.data_dir) / config.data.name))  # prepared?
+            exit_on_user_error(lambda: _check_dataset(config))
             if distributed.launched_env().is_main:
                 exit_on_user_error(lambda: _refuse_existing_run(Path(config.hydra.run.dir)))
         elif distributed.launched_env().is_main:
@@ -235,6 +241,13 @@ class ValidateConfigCallback(Callback):
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(list(config.hydra.overrides.task)), None)
         for number, overrides in enumerate(job for batch in jobs for job in batch):
             exit_on_user_error(lambda o=overrides: _check_job(config, o), f"job {number} ({' '.join(overrides)}): ")
+
+
+def _check_dataset(config: DictConfig) -> None:
+    """The dataset is prepared, and with the settings the config gives (meta.json alone: no shard is read)."""
+    data = OmegaConf.to_container(config.data, resolve=True)
+    assert isinstance(data, dict)
+    prepared_meta(config.hydra.runtime.choices.get("data"), data, config.paths.data_dir)
 
 
 def _check_job(config: DictConfig, overrides: list[str]) -> None:

@@ -234,10 +234,12 @@ def _typed_options(cfg: DictConfig) -> None:
         schema = _locate(target) if isinstance(target, str) else None
         if schema is None or not is_dataclass(schema):
             where = f"{parent._get_full_key(None)}.{key}".lstrip(".")
-            raise UserError(
-                f"{where} is not an option of a config group (_target_={target})",
-                f"pick one of the options in conf/{where.split('.')[0]}/ ({where}=<option>)",
-            )
+            named = f" (_target_={target})" if target is not None else ""
+            group = where.split(".")[0]
+            fix = f"pick one of the options in conf/{group}/: {where}=<option>"
+            if parent is not cfg:  # a tracker under logger
+                fix = f"drop what added {where}; trackers are added with logger=<option> or logger=[a,b] (conf/logger/)"
+            raise UserError(f"{where} is not an option of a config group{named}", fix)
         parent[key] = OmegaConf.merge(OmegaConf.structured(schema), node)
 
 

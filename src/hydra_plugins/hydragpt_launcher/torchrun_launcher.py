@@ -109,7 +109,7 @@ class TorchrunLauncher(BasicLauncher):
         if job.returncode == PREEMPTED_EXIT:
             raise UserError(
                 f"job {hydra_cfg.job.num} was stopped by a signal after saving a checkpoint",
-                f"continue it with `python scripts/train.py resume={job_dir}`",
+                f"continue it with `torchrun --nproc_per_node={self.nproc_per_node} {self.script} resume={job_dir}`",
             )
         if job.returncode != 0:
             raise UserError(

@@ -72,7 +72,10 @@ def bench_prepare(cfg: BenchPrepareConfig) -> str:
             result, seconds, (pss, rss) = run_measured(command)
             if result.returncode != 0:
                 last_line = result.stderr.strip().splitlines()[-1].removeprefix("error: ")
-                raise UserError(f"data preparation failed: {last_line}", "fix that setting of the benchmark")
+                raise UserError(
+                    f"data preparation failed: {last_line}",
+                    "bench_prepare's tokenizer, workers and task_mb are prepare.py's data.tokenizer, workers, task_mb",
+                )
             meta = json.loads((work / name / "meta.json").read_text())
             tokens = sum(meta["tokens"].values())
             rows.append((round_, workers, seconds, corpus_bytes / 1e6 / seconds, tokens / seconds, pss, rss))

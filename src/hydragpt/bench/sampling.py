@@ -25,7 +25,7 @@ MODES = {True: "kv cache", False: "recompute"}
 
 def bench_sample(cfg: BenchSampleConfig) -> str:
     """The comparison as Markdown."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     if cfg.ckpt:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from hydragpt.data.dataset import TokenDataset
+from hydragpt.data.identity import data_identity, open_dataset, other_data, require_settings
 from hydragpt.data.loader import Prefetcher, SequentialBatchLoader, build_train_loader
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
 from hydragpt.engine.checkpointer import Checkpointer, TrainState
@@ -44,13 +45,13 @@ def build_trainer(
     resume_from: dict[str, Any] | None = None,
     env: DistEnv | None = None,
     stop: StopSignals | None = None,
-    pinned_model_keys: tuple[str, ...] = (),
+    pinned_model_keys: dict[str, str] | None = None,
 ) -> Trainer:
     """`run_config` is the resolved config as plain data and `config_choices` the option picked in each
     config group, both stored in every checkpoint; `resume_from` is a loaded checkpoint of this same run
     to continue from; `env` is this process's place in a torchrun job (rank 0 of 1 by default); `stop` is
     the caller's installed stop-signal handler (none by default); `pinned_model_keys` are the model knobs
-    the command line set, which a checkpoint's shape must then agree with."""
+    the command line set (each with the override that set it), which a checkpoint's shape must agree with."""
     env = env or DistEnv()
     t = cfg.train
     device = resolve_device(cfg.system.device, env.local_rank if env.is_distributed else None)
@@ -58,12 +59,15 @@ def build_trainer(
     torch.set_float32_matmul_precision(cfg.system.matmul_precision)
     seed_everything(cfg.system.seed)
 
-    data = TokenDataset(Path(cfg.paths.data_dir) / cfg.data.name)
+    data = open_dataset(config_choices.get("data"), asdict(cfg.data), cfg.paths.data_dir, compare=resume_from is None)
+    if resume_from is not None:
+        require_data_trained_on(cfg, data, resume_from, config_choices.get("data"))
     start_from = resume_from
     if start_from is None and t.init_from != "scratch":
         start_from = load_weights(t.init_from)
-    model_config = model_shape(cfg, data, start_from, resume_from is not None, pinned_model_keys)
-    data.require_block(model_config.block_size)
+    model_config = model_shape(cfg, data, start_from, resume_from is not None, pinned_model_keys or {})
+    block_knob = "model.block_size" if start_from is None else "train.crop_block_size"  # weights fix the shape
+    data.require_block(model_config.block_size, block_knob)
     require_fits(model_config, device)  # its full weights are built on every rank, FSDP shards them after
     model = GPT(model_config) if start_from is None else model_from_checkpoint(start_from, model_config)
     model.to(device)
@@ -82,6 +86,7 @@ def build_trainer(
         device,
         env.rank,
         env.world_size,
+        block_knob,
     )
     max_iters = training_length(cfg, loader, grad_accum, tokens_per_step)
     optimizers = cfg.optim.build(model, device)
@@ -102,6 +107,7 @@ def build_trainer(
             "tokenizer": data.meta.tokenizer,
             "config": {**run_config, "model": asdict(model_config)},  # the shape actually built
             "config_choices": config_choices,
+            "data": data_identity(cfg.data.name, data.meta),
         },
         seed=cfg.system.seed,
     )
@@ -204,7 +210,7 @@ def model_shape(
     data: TokenDataset,
     start_from: dict[str, Any] | None,
     resumed: bool,
-    pinned: tuple[str, ...] = (),
+    pinned: dict[str, str] | None = None,
 ) -> GPTConfig:
     """The model's shape: from the config (vocab from the data), or from the checkpoint we start from,
     which the knobs the command line `pinned` must then agree with (the weights cannot follow them)."""
@@ -220,20 +226,26 @@ def model_shape(
             )
         return wanted
     if start_from["tokenizer"] != data.meta.tokenizer:
+        trained_on = start_from.get("config", {}).get("data", {}).get("name")
         raise UserError(
-            f"the checkpoint's vocabulary does not match dataset '{cfg.data.name}'",
-            "train on the data the checkpoint was trained on, or start from scratch",
+            f"train.init_from={cfg.train.init_from} was trained with another tokenizer than dataset"
+            f" '{cfg.data.name}' was prepared with",
+            f"train on data prepared with its tokenizer{f' (it trained on data={trained_on})' if trained_on else ''},"
+            " or train.init_from=scratch",
         )
     saved = GPTConfig(**start_from["model_config"])
-    for key in pinned:
-        value = getattr(wanted, key)
-        if key not in ("name", "dropout") and value not in (None, getattr(saved, key)):  # vocab null: any
-            fix = "train.crop_block_size shortens the context" if key == "block_size" else "drop the override"
-            raise UserError(
-                f"model.{key}={value} differs from the weights of train.init_from={cfg.train.init_from}"
-                f" ({key}={getattr(saved, key)}): a run that starts from them has their shape",
-                f"{fix}, or train from scratch to get the shape you set",
-            )
+    for key, override in (pinned or {}).items():
+        value, theirs = getattr(wanted, key), getattr(saved, key)
+        if key in ("name", "dropout") or value in (None, theirs):  # vocab_size null: whatever the weights have
+            continue
+        crop = key == "block_size" and value < theirs
+        asked = override if override.startswith("model.") else f"{override} (model.{key}={value})"
+        raise UserError(
+            f"{asked} differs from the weights of train.init_from={cfg.train.init_from} ({key}={theirs}):"
+            " a run that starts from them has their shape",
+            f"{'use train.crop_block_size to shorten the context, ' if crop else ''}drop {override}, or"
+            " train.init_from=scratch for the shape you set",
+        )
     crop = cfg.train.crop_block_size
     if resumed or crop is None:
         return replace(saved, dropout=wanted.dropout)
@@ -244,6 +256,19 @@ def model_shape(
         )
     log.info("cropping block_size from %d to %d", saved.block_size, crop)
     return replace(saved, dropout=wanted.dropout, block_size=crop)
+
+
+def require_data_trained_on(
+    cfg: TrainConfig, data: TokenDataset, resume_from: dict[str, Any], data_choice: str | None
+) -> None:
+    """A resumed run continues on the very tokens it trained on (its loader position counts in them), then
+    its saved config must describe them like any run's."""
+    if difference := other_data(resume_from["data"], data.meta):
+        fix = "point paths.data_dir at the data it trained on"
+        if resume_from["tokenizer"] == data.meta.tokenizer:  # else its weights cannot read this data
+            fix += f", or start a new run from it on this data with train.init_from={cfg.resume}"
+        raise UserError(f"this run trained on other data than {data.dir} holds ({difference})", fix)
+    require_settings(data.meta, data_choice, asdict(cfg.data), cfg.paths.data_dir)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], config: GPTConfig) -> GPT:

@@ -1,8 +1,8 @@
 """Checkpoints: one self-contained file per save, written atomically, loaded with weights_only=True.
 
 A checkpoint holds everything needed to sample (weights, model config, tokenizer description) and to
-resume exactly (run config, optimizers, grad scaler, step, tokens seen, best val loss, RNG
-states, data loader position). It is written to a temporary file, fsync'ed and renamed over the old one,
+resume exactly (run config, the identity of its data, optimizers, grad scaler, step, tokens seen, best val
+loss, RNG states, data loader position). It is written to a temporary file, fsync'ed and renamed over the old one,
 so a crash at any instant leaves either the previous or the new checkpoint, never a truncated file.
 Retention (`checkpoint.keep_last`, `checkpoint.keep_every`) adds step_<N>.pt hard links beside last.pt.
 """
@@ -22,13 +22,14 @@ import torch
 from hydragpt.errors import UserError, in_chain
 
 FORMAT = "hydragpt-checkpoint"
-VERSION = 2  # 2: several optimizers (a list of states), no scheduler state (the lr is a function of the step)
+# 2: several optimizers (a list of states), no scheduler state (the lr is a function of the step)
+VERSION = 3  # 3: "data", the name, fingerprint and token counts of the dataset it trained on
 CHECKPOINT_DIR = "checkpoints"
 # What a checkpoint needs to sample, evaluate or start a new run from; and, beyond that, to be resumed.
 MODEL_KEYS = ("model", "model_config", "tokenizer", "step")
 RESUME_KEYS = (
     *MODEL_KEYS,
-    *("config", "config_choices", "optimizers", "scaler", "tokens_seen", "best_val_loss", "rng", "loader"),
+    *("config", "config_choices", "data", "optimizers", "scaler", "tokens_seen", "best_val_loss", "rng", "loader"),
 )
 # Keys that wrappers add to parameter names: torch.compile and DistributedDataParallel.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -157,7 +158,8 @@ def _disk_errors(path: Path) -> Iterator[None]:
             raise
         raise UserError(
             f"could not write checkpoint {path}: {cause.strerror or cause}",
-            "free disk space or move paths.output_dir; the previous checkpoint is intact",
+            f"free disk space and run again: a checkpoint saved before this one is intact, and"
+            f" resume={path.parent.parent} continues from it",
         ) from ex
 
 

@@ -12,7 +12,7 @@ sampling runs on every rank in lockstep, which FSDP's sharded forward needs, and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from torch import nn
 from hydragpt.config import SampleConfig
 from hydragpt.data.dataset import SPLITS, TokenDataset
 from hydragpt.data.loader import evaluation_batches
-from hydragpt.data.tokenizer import Tokenizer
+from hydragpt.data.tokenizer import Tokenizer, encode_prompt
 from hydragpt.engine.distributed import DistEnv, all_reduce
 from hydragpt.engine.system import autocast
 from hydragpt.evaluation import hellaswag_scores
@@ -106,6 +106,10 @@ class TextSamples:
     device: torch.device
     dtype: torch.dtype
     env: DistEnv
+    prompt_ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = encode_prompt(self.tokenizer, self.prompt, "train.sample_start")  # before training
 
     def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
         if not due(step, self.interval, final):
@@ -113,8 +117,7 @@ class TextSamples:
         defaults = SampleConfig
         settings = Settings(self.max_new_tokens, defaults.temperature, defaults.top_k, defaults.top_p, [], True)
         generator = torch.Generator(self.device).manual_seed(self.seed)
-        prompt_ids = self.tokenizer.encode(self.prompt)
-        (text,) = complete(self.model, self.tokenizer, prompt_ids, 1, settings, generator, self.dtype)
+        (text,) = complete(self.model, self.tokenizer, self.prompt_ids, 1, settings, generator, self.dtype)
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / f"iter_{step:06d}.txt").write_text(self.prompt + text, encoding="utf-8")

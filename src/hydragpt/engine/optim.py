@@ -111,7 +111,7 @@ class Muon:
         require(
             hasattr(torch.optim, "Muon"),
             f"optim=muon needs torch.optim.Muon, which torch {torch.__version__} lacks",
-            "install torch 2.9 or later (make install TORCH=torch>=2.9), or use optim=adamw",
+            'install torch 2.9 or later (.venv/bin/pip install "torch>=2.9"), or use optim=adamw',
         )
         require(1 <= self.ns_steps < 100, f"optim.ns_steps must be in [1, 100), got {self.ns_steps}", "e.g. 5")
         require(

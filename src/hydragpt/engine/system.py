@@ -22,13 +22,14 @@ def local_gpu(local_rank: int) -> int:
     return 0 if torch.cuda.device_count() == 1 else local_rank
 
 
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None, key: str = "system.device") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicitly requested device must exist. Under torchrun
-    (`local_rank` given) `cuda` and `auto` mean this process's own GPU, cuda:<local_rank> (see local_gpu)."""
+    (`local_rank` given) `cuda` and `auto` mean this process's own GPU, cuda:<local_rank> (see local_gpu).
+    `key` is the knob the device came from, named in the errors."""
     if local_rank is not None and name.startswith("cuda:"):
         raise UserError(
-            f"system.device={name} under torchrun would put every rank on one GPU",
-            "use system.device=cuda (or auto): each rank takes GPU LOCAL_RANK",
+            f"{key}={name} under torchrun would put every rank on one GPU",
+            f"use {key}=cuda (or auto): each rank takes GPU LOCAL_RANK",
         )
     if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
         name = f"cuda:{local_gpu(local_rank)}"
@@ -41,18 +42,17 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(
-                f"device '{name}' requested but CUDA is not available", "use system=cpu or system.device=auto"
-            )
+            raise UserError(f"{key}={name} requested but CUDA is not available", f"use {key}=cpu or {key}=auto")
         if device.index is not None:
-            if device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            if device.index >= count:
                 raise UserError(
-                    f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) are visible",
-                    "use cuda:0 .. cuda:N-1, or check CUDA_VISIBLE_DEVICES",
+                    f"{key}={name} requested but only {count} GPU(s) are visible",
+                    f"use {key}=cuda:0 .. cuda:{count - 1}, or check CUDA_VISIBLE_DEVICES",
                 )
             torch.cuda.set_device(device)  # so pinned memory, autocast and device queries use this GPU
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device '{name}' requested but MPS is not available", "use system.device=cpu or auto")
+        raise UserError(f"{key}={name} requested but MPS is not available", f"use {key}=cpu or {key}=auto")
     return device
 
 
