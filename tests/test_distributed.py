@@ -152,9 +152,13 @@ def test_a_failing_rank_ends_the_job(data_dir: Path, tmp_path: Path) -> None:
     ],
 )
 def test_refused_under_torchrun(data_dir: Path, tmp_path: Path, argument: str, message: str) -> None:
+    """A mistake every rank makes alike (-m, before Hydra starts) is printed once, by rank 0; one a rank
+    meets while running (ddp=none) by each rank, the others tagged [rank N]."""
     common = (*DEBUG_RUN, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'outputs'}")
     result = torchrun(2, argument, *common, cwd=tmp_path)
     assert result.returncode != 0 and message in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error: ", "[rank 1] error: "))]
+    assert sorted(line.startswith("error: ") for line in errors) == ([True] if argument == "-m" else [False, True])
     assert not (tmp_path / "outputs").exists() or argument == "ddp=none"
 
 

@@ -104,9 +104,12 @@ def variants(script: str) -> list[list[str]]:
     return [[], *([f"{group}={option}"] for group, option in options)]
 
 
+PARSER = OverridesParser.create()
+
+
 def refusal(validate: Callable[[DictConfig], Any], cfg: DictConfig, key: str, text: str) -> str | None:
     """The error line for `key=text` (as the scripts print it), or None when the value is accepted."""
-    override = OverridesParser.create().parse_overrides([f"{key}={text}"])
+    override = PARSER.parse_overrides([f"{key}={text}"])
     try:
         ConfigLoaderImpl._apply_overrides_to_config(override, cfg)  # what Hydra does with a command line
         validate(cfg)

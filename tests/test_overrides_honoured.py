@@ -22,7 +22,7 @@ from hydragpt.config import eval_config, sample_config
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.errors import UserError, user_errors_exit
 from hydragpt.train_config import train_config
-from tests.helpers import DEBUG_RUN, REPO, compose_config, run_script, torchrun
+from tests.helpers import DEBUG_RUN, REPO, compose_config, run_script
 from tests.test_errors import assert_user_error
 
 
@@ -93,13 +93,6 @@ def test_a_runs_checkpoints_folder_names_its_checkpoint(trained_run: Path) -> No
     by_folder = run_script("sample", f"ckpt={trained_run / 'checkpoints'}", *args)
     assert by_folder.returncode == 0, by_folder.stderr
     assert by_folder.stdout == run_script("sample", f"ckpt={trained_run}", *args).stdout
-
-
-def test_a_config_error_under_torchrun_is_printed_once(data_dir: Path, tmp_path: Path) -> None:
-    result = torchrun(2, *DEBUG_RUN, f"paths.data_dir={data_dir}", "model.n_layer=0", cwd=tmp_path)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if "error: " in line and "ChildFailedError" not in line]
-    assert errors == ["error: model.n_layer must be >= 1, got 0 (set a positive size)"], result.stderr
 
 
 def test_a_bad_search_space_is_one_error_line(data_dir: Path, tmp_path: Path) -> None:
