@@ -168,3 +168,20 @@ def test_running_out_of_memory_is_one_error_line(
         "error: out of memory: can't allocate memory: you tried to allocate 120000000000 bytes (lower num_samples"
         " or max_new_tokens, or use device=cpu)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("script", "failing", "fix", "following"),
+    [
+        ("sample", ["start=Nay, my lord!"], "quote a value", ["start='Nay, my lord!'"]),
+        ("sample", ["device=mps"], "use device=cpu or device=auto", ["device=cpu"]),
+        ("eval", ["show_examples=3", "limit=2"], "show_examples=0", ["show_examples=0", "limit=2"]),
+        ("eval", ["split=nope", "limit=2"], "use one of: train, val", ["split=train", "limit=2"]),
+    ],
+)
+def test_following_the_fix_works(trained_run: Path, data_dir: Path, script, failing, fix, following) -> None:
+    common = [f"ckpt={trained_run}"]
+    common += [f"paths.data_dir={data_dir}"] if script == "eval" else ["max_new_tokens=5", "num_samples=1"]
+    assert_user_error(run_script(script, *common, *failing), fix)
+    followed = run_script(script, *common, *following)
+    assert followed.returncode == 0, followed.stderr
