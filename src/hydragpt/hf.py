@@ -25,6 +25,8 @@ GPT2_TOKENIZER = {"kind": "tiktoken", "name": "gpt2"}  # what every imported mod
 GPT2_VOCAB = 50257
 # Hugging Face's names for our activations, and the ones it may use for ours.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+# Model knobs whose non-default values GPT-2 has no equivalent for (export refuses them).
+GPT2_ONLY = ("positions", "norm", "norm_weight", "qk_norm", "tie_embeddings", "logit_softcap")
 FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -108,6 +110,16 @@ def export(ckpt: dict[str, Any], out_dir: Path) -> None:
         raise UserError(
             "GPT-2 has biases in every linear and layer-norm layer, and this model was trained with model.bias=false",
             "export a model trained with model.bias=true",
+        )
+    gpt2 = GPTConfig(vocab_size=config.vocab_size)  # GPT-2's architecture: every option at its default
+    differs = [knob for knob in GPT2_ONLY if getattr(config, knob) != getattr(gpt2, knob)]
+    differs += ["n_kv_head"] if config.kv_heads != config.n_head else []
+    differs += ["activation"] if config.activation not in HF_ACTIVATIONS else []
+    if differs:
+        knob = differs[0]
+        raise UserError(
+            f"this model has model.{knob}={getattr(config, knob)}, which GPT-2 has no equivalent for",
+            f"export a model trained with GPT-2's model.{knob}={getattr(gpt2, knob)}",
         )
     hf_config = transformers.GPT2Config(
         vocab_size=config.vocab_size,

@@ -1,8 +1,11 @@
-"""The GPT language model: GPT-2's architecture, written to be read top to bottom (imports only torch).
+"""The GPT language model, written to be read top to bottom (imports only torch).
 
-Learned position embeddings, pre-LayerNorm blocks, GELU MLP, weight tying between the token embedding
-and the output head, and causal self-attention through `scaled_dot_product_attention` (flash attention
-where the device has it). Equivalent to nanoGPT's model, so GPT-2 weights load into it unchanged.
+By default GPT-2's architecture: learned position embeddings, pre-LayerNorm blocks, GELU MLP, weight tying
+between the token embedding and the output head, and causal self-attention through
+`scaled_dot_product_attention` (flash attention where the device has it), equivalent to nanoGPT's model,
+so GPT-2 weights load into it unchanged. Each of today's recipes' changes is one knob of GPTConfig:
+rotary positions, RMSNorm (with or without a gain), QK-norm, ReLU² or SwiGLU MLPs, grouped-query
+attention, an untied head, logit soft-capping and zero-initialised output projections.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from torch import nn
 # Optional[...] rather than `X | None`: OmegaConf reads these annotations when the config is composed.
 # ruff: noqa: UP045
 
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2", "swiglu")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
@@ -33,7 +38,16 @@ class GPTConfig:
     vocab_size: Optional[int] = None  # null: the dataset tokenizer's size; a larger value pads the output layer
     dropout: float = 0.0  # dropout probability: 0 for pretraining, ~0.2 for small data such as Shakespeare
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them; without is a bit faster)
-    activation: str = "gelu"  # MLP nonlinearity: gelu (exact, nanoGPT) or gelu_tanh (OpenAI's GPT-2)
+    activation: str = "gelu"  # MLP: gelu (exact, nanoGPT), gelu_tanh (OpenAI's GPT-2), relu2, swiglu (gated)
+    positions: str = "learned"  # learned: a table of block_size positions (GPT-2); rope: rotary, none learned
+    rope_base: float = 10000.0  # rope: the base of the rotation frequencies
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm
+    norm_weight: bool = True  # a learned gain in every norm (false: parameter-free)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    n_kv_head: Optional[int] = None  # key/value heads, shared by groups of query heads (null: n_head, no sharing)
+    tie_embeddings: bool = True  # the output head is the token embedding (GPT-2); false: a matrix of its own
+    logit_softcap: Optional[float] = None  # squash the logits into (-cap, cap) with cap * tanh(x / cap) (null: off)
+    zero_init_proj: bool = False  # start the attention and MLP output projections at zero (each block an identity)
 
     def __post_init__(self) -> None:
         """Checked when the config is composed: ValueError(what went wrong, how to fix it)."""
@@ -49,8 +63,25 @@ class GPTConfig:
             raise ValueError("model.vocab_size must be >= 1", "or null for the data's")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}", "e.g. 0.0 or 0.2")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown model.activation '{self.activation}'", f"use one of: {', '.join(ACTIVATIONS)}")
+        for key, allowed in (("activation", ACTIVATIONS), ("positions", POSITIONS), ("norm", NORMS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"unknown model.{key} '{getattr(self, key)}'", f"use one of: {', '.join(allowed)}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(
+                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}",
+                "use a divisor of n_head (n_head itself: no sharing), or null",
+            )
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"model.positions=rope needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}",
+                "choose model.n_embd and model.n_head so that n_embd / n_head is even",
+            )
+        if self.rope_base <= 1 or (self.logit_softcap is not None and self.logit_softcap <= 0):
+            raise ValueError("model.rope_base must be > 1 and model.logit_softcap > 0", "e.g. 10000 and 15, or null")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
 
 
 class KVCache:
@@ -86,29 +117,68 @@ class KVCache:
         return keys[:, :, :end], values[:, :, :end]
 
 
+def norm(config: GPTConfig) -> nn.Module:
+    """The normalisation every block (and the final one) uses: LayerNorm or RMSNorm, gain or none."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, elementwise_affine=config.norm_weight)
+    return nn.LayerNorm(config.n_embd, elementwise_affine=config.norm_weight, bias=config.bias and config.norm_weight)
+
+
+def rotary_table(config: GPTConfig, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (positions, head_size / 2) of each position's rotation angles, one frequency per pair."""
+    head_size = config.n_embd // config.n_head
+    frequencies = config.rope_base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32), frequencies)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (first half, second half) of x's (B, nh, T, hs) head dimensions by its angle at
+    its position: attention scores then depend on how far apart two positions are, not where they are."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        # query, key and value projections for all heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_size = config.n_embd // config.n_head
+        # query, key and value projections for all heads, in one matmul (fewer key/value heads with GQA)
+        kv_width = self.n_kv_head * self.head_size
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        kv_width = self.n_kv_head * self.head_size
+        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is None or cache.length == 0:
             mask, causal = None, True  # the usual triangle
         else:  # new positions after `cache.length` cached ones: each sees those and the new ones up to itself
             mask, causal = torch.ones(T, cache.length + T, dtype=torch.bool, device=x.device).tril(cache.length), False
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
@@ -117,29 +187,48 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Up to 4x the width, a nonlinearity, back down. SwiGLU gates instead: silu(gate) * up, with a hidden
+    width of 8/3 x (rounded up to a multiple of 64) so that its three matrices hold what the others' two do."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.activation = config.activation
+        hidden = 4 * config.n_embd if self.activation != "swiglu" else -(-8 * config.n_embd // 3 // 64) * 64
+        gated = 2 if self.activation == "swiglu" else 1  # gate and up in one matmul
+        self.c_fc = nn.Linear(config.n_embd, gated * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -152,22 +241,30 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(config.vocab_size, config.n_embd),
-                "wpe": nn.Embedding(config.block_size, config.n_embd),
                 "drop": nn.Dropout(config.dropout),
                 "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
+                "ln_f": norm(config),
             }
         )
+        if config.positions == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        else:  # the rotations of every position, computed once (not saved: they follow from the config)
+            cos, sin = rotary_table(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the input embedding and the output head share one matrix (GPT-2 does this)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:  # the input embedding and the output head share one matrix (GPT-2 does this)
+            self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
         # scaled init of the residual projections, per the GPT-2 paper: keeps the residual stream's
-        # variance from growing with depth
+        # variance from growing with depth; or zero, so that each block starts as the identity
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -193,10 +290,10 @@ class GPT(nn.Module):
         return groups
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without position embeddings (the token embedding is tied
-        to the head, so it counts as a real weight)."""
+        """Parameter count; by default without learned position embeddings (the token embedding is
+        tied to the head, or the head is a matrix of its own: either way a real weight)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -217,13 +314,21 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of length {start + t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)  # (t,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(start, start + t, dtype=torch.long, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += t
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -234,4 +339,7 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]

@@ -1,0 +1,173 @@
+"""Each modern model option changes the model as intended: shapes, parameter counts, causality, init scale;
+GPT-2's defaults keep its parameter names (its weights load); generation with the cache matches without."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydragpt.engine.checkpoint import load_checkpoint
+from hydragpt.model import GPT, GPTConfig, rotary_table, rotate
+from hydragpt.sampling import generate
+from tests.helpers import run_script
+from tests.test_errors import assert_user_error
+
+SMALL = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 50, "bias": False}
+MODERN = {
+    "positions": "rope",
+    "norm": "rmsnorm",
+    "norm_weight": False,
+    "qk_norm": True,
+    "activation": "relu2",
+    "n_kv_head": 2,
+    "tie_embeddings": False,
+    "logit_softcap": 15.0,
+    "zero_init_proj": True,
+}
+
+
+def model(**options) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**SMALL, **options})).eval()
+
+
+def shapes(m: GPT) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in m.named_parameters()}
+
+
+def test_gpt2_defaults_keep_gpt2s_parameters() -> None:
+    names = set(shapes(model(bias=True)))
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"} <= names
+    assert "lm_head.weight" not in names  # tied to wte: listed once
+    assert shapes(model(bias=True))["transformer.h.0.attn.c_attn.weight"] == (3 * 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("option", "changed", "gone"),
+    [
+        ({"positions": "rope"}, {}, {"wpe.weight"}),
+        ({"norm": "rmsnorm"}, {}, set()),
+        ({"norm_weight": False}, {}, {"ln_1.weight", "ln_2.weight", "ln_f.weight"}),
+        ({"n_kv_head": 1}, {"attn.c_attn.weight": (64 + 2 * 16, 64)}, set()),
+        ({"activation": "swiglu"}, {"mlp.c_fc.weight": (2 * 192, 64), "mlp.c_proj.weight": (64, 192)}, set()),
+        ({"tie_embeddings": False}, {"lm_head.weight": (50, 64)}, set()),
+    ],
+)
+def test_each_option_changes_the_shapes_it_should(option: dict, changed: dict, gone: set) -> None:
+    """Parameters are named by suffix (every layer alike): those `gone`, those `changed` to a shape, and
+    every other one as GPT-2's."""
+    before, after = shapes(model()), shapes(model(**option))
+
+    def suffix(name: str) -> str:
+        return re.sub(r"^transformer\.(h\.\d+\.)?", "", name)
+
+    assert {suffix(n) for n in set(before) - set(after)} == gone
+    for name, shape in after.items():
+        assert shape == changed.get(suffix(name), before.get(name)), name
+
+
+def test_parameter_counts() -> None:
+    c, v, t, layers = 64, 50, 32, 2
+    gpt2_block = 4 * c * c + 8 * c * c + 2 * c  # attention, MLP, two LayerNorm gains (no biases)
+    assert model().num_params(non_embedding=False) == v * c + t * c + layers * gpt2_block + c
+    assert model(positions="rope").num_params(non_embedding=False) == v * c + layers * gpt2_block + c
+    assert model(tie_embeddings=False).num_params(non_embedding=False) == 2 * v * c + t * c + layers * gpt2_block + c
+    gqa = model(n_kv_head=1).num_params(non_embedding=False) - model().num_params(non_embedding=False)
+    assert gqa == layers * (2 * 16 - 2 * 64) * c  # keys and values: one head of 16 instead of four
+
+
+@pytest.mark.parametrize("options", [{}, MODERN, {**MODERN, "activation": "swiglu", "norm_weight": True}])
+def test_a_position_never_sees_the_future(options: dict) -> None:
+    m = model(**{**options, "zero_init_proj": False})
+    idx = torch.randint(0, 50, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 50
+    with torch.no_grad():
+        a, _ = m(idx)
+        b, _ = m(changed)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5) and not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_init_scales() -> None:
+    zero = model(zero_init_proj=True)
+    assert all(p.abs().max() == 0 for n, p in zero.named_parameters() if n.endswith("c_proj.weight"))
+    scaled = model()
+    std = torch.cat([p.flatten() for n, p in scaled.named_parameters() if n.endswith("c_proj.weight")]).std()
+    assert std.item() == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.1)
+
+
+def test_logit_softcap_bounds_the_logits() -> None:
+    m = model(logit_softcap=2.0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(100)
+        logits, _ = m(torch.randint(0, 50, (1, 8)))
+    assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.9
+
+
+def test_rotary_scores_depend_on_distance_only() -> None:
+    """A query at position p and a key at position p - 2 score the same wherever p is."""
+    config = GPTConfig(**SMALL, positions="rope")
+    cos, sin = rotary_table(config, 32)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(p_q: int, p_k: int) -> float:
+        return (rotate(q, cos[p_q], sin[p_q]) * rotate(k, cos[p_k], sin[p_k])).sum().item()
+
+    assert score(3, 1) == pytest.approx(score(29, 27), abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 0), abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [MODERN, {**MODERN, "activation": "swiglu"}])
+def test_cached_and_uncached_greedy_generation_agree(options: dict) -> None:
+    m = model(**{**options, "zero_init_proj": False})
+    prompt = torch.randint(0, 50, (2, 5))
+    runs = [
+        torch.cat(list(generate(m, prompt, 60, temperature=0.0, use_cache=use_cache)), dim=1)
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0], runs[1])  # 65 positions: past block_size 32
+
+
+def test_bad_option_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="n_kv_head=3 does not divide"):
+        GPTConfig(**{**SMALL, "n_kv_head": 3})
+    with pytest.raises(ValueError, match=r"unknown model\.positions 'alibi'"):
+        GPTConfig(**{**SMALL, "positions": "alibi"})
+    with pytest.raises(ValueError, match="needs an even head size"):
+        GPTConfig(**{**SMALL, "n_embd": 60, "n_head": 4, "positions": "rope"})
+
+
+def test_a_modern_model_trains_resumes_samples_and_is_refused_by_gpt2_export(
+    train_run, tmp_path: Path, data_dir: Path
+) -> None:
+    options = [
+        "model.positions=rope",
+        "model.norm=rmsnorm",
+        "model.norm_weight=false",
+        "model.qk_norm=true",
+        "model.activation=swiglu",
+        "model.n_kv_head=1",
+        "model.tie_embeddings=false",
+        "model.logit_softcap=15",
+        "model.zero_init_proj=true",
+        "model.bias=true",
+        "optim=muon",
+        "lr=wsd",
+    ]
+    first = train_run(*options, "train.max_iters=4", "train.eval_interval=2")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "run"
+    resumed = run_script("train", f"resume={run}", "train.max_iters=6")
+    assert resumed.returncode == 0, resumed.stderr
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 6 and ckpt["model_config"]["positions"] == "rope"
+    assert "lm_head.weight" in ckpt["model"] and "transformer.wpe.weight" not in ckpt["model"]
+    sampled = run_script("sample", f"ckpt={run}", "max_new_tokens=40", "num_samples=2", "temperature=0")
+    assert sampled.returncode == 0, sampled.stderr
+    exported = run_script("export", f"ckpt={run}", f"out={tmp_path / 'hf'}")
+    assert_user_error(exported, "model.positions=rope, which GPT-2 has no equivalent for", "model.positions=learned")
+    assert not (tmp_path / "hf").exists()
