@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from hydragpt.engine.checkpoint import load_checkpoint
+from hydragpt.errors import UserError
 from hydragpt.model import GPT, GPTConfig, rotary_table, rotate
 from hydragpt.sampling import generate
-from tests.helpers import run_script
+from hydragpt.train_config import train_config
+from tests.helpers import compose_config, run_script
 from tests.test_errors import assert_user_error
 
 SMALL = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 50, "bias": False}
@@ -171,3 +173,12 @@ def test_a_modern_model_trains_resumes_samples_and_is_refused_by_gpt2_export(
     exported = run_script("export", f"ckpt={run}", f"out={tmp_path / 'hf'}")
     assert_user_error(exported, "model.positions=rope, which GPT-2 has no equivalent for", "model.positions=learned")
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_depth_dial_shapes_the_depth_flavour_and_nothing_else() -> None:
+    deep = train_config(compose_config("train", ["model=modern_gpu", "model.depth=20"])).model
+    assert (deep.n_layer, deep.n_embd, deep.n_head, deep.positions) == (20, 1280, 10, "rope")
+    with pytest.raises(UserError, match=r"model\.depth=20 but model\.n_layer=12"):
+        train_config(compose_config("train", ["model=gpt2_small", "model.depth=20"]))
+    with pytest.raises(UserError, match=r"model\.depth=20 but model\.n_layer=4"):
+        train_config(compose_config("train", ["model=modern_gpu", "model.depth=20", "model.n_layer=4"]))

@@ -48,6 +48,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head is the token embedding (GPT-2); false: a matrix of its own
     logit_softcap: Optional[float] = None  # squash the logits into (-cap, cap) with cap * tanh(x / cap) (null: off)
     zero_init_proj: bool = False  # start the attention and MLP output projections at zero (each block an identity)
+    depth: Optional[int] = None  # the depth flavours' one dial (model=modern_gpu): n_layer, n_embd, n_head follow it
 
     def __post_init__(self) -> None:
         """Checked when the config is composed: ValueError(what went wrong, how to fix it)."""
@@ -75,6 +76,12 @@ class GPTConfig:
             raise ValueError(
                 f"model.positions=rope needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}",
                 "choose model.n_embd and model.n_head so that n_embd / n_head is even",
+            )
+        if self.depth is not None and self.depth != self.n_layer:
+            raise ValueError(
+                f"model.depth={self.depth} but model.n_layer={self.n_layer}: only the depth flavours derive the shape"
+                " from depth",
+                "use model=modern_gpu model.depth=N and no model.n_layer, or model.depth=null",
             )
         if self.rope_base <= 1 or (self.logit_softcap is not None and self.logit_softcap <= 0):
             raise ValueError("model.rope_base must be > 1 and model.logit_softcap > 0", "e.g. 10000 and 15, or null")

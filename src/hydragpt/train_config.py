@@ -271,6 +271,14 @@ def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
     return typed
 
 
+# The depth flavours' shape, from model.depth alone (conf/model/modern_gpu.yaml): 64 wide per layer and
+# heads of 128, as nanochat's.
+WIDTH_PER_LAYER, HEAD_SIZE = 64, 128
+OmegaConf.register_new_resolver("hydragpt.depth_width", lambda depth: WIDTH_PER_LAYER * depth, replace=True)
+OmegaConf.register_new_resolver(
+    "hydragpt.depth_heads", lambda depth: max(1, WIDTH_PER_LAYER * depth // HEAD_SIZE), replace=True
+)
+
 store = ConfigStore.instance()
 store.store(group="schema", name="train", node=TrainConfig)
 store.store(group="schema", name="bench_sample", node=BenchSampleConfig)
