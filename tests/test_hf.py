@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hydragpt.errors import UserError
-from hydragpt.hf import export, load_pretrained
+from hydragpt.hf import GPT2_VOCAB, export, load_pretrained
 from hydragpt.model import GPT, GPTConfig
 from tests.helpers import prepare_dataset, run_script
 
@@ -131,3 +131,37 @@ def test_finetune_recipe_from_a_local_gpt2(gpt2_bpe: None, tmp_path: Path, corpu
     exported = run_script("export", f"ckpt={run}", f"out={tmp_path / 'back'}")
     assert exported.returncode == 0, exported.stderr
     assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").config.n_layer == 3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_export_and_import_keep_our_logits(tmp_path: Path, tied: bool) -> None:
+    """A rotary, RMSNorm, SwiGLU, GQA model without biases goes out as transformers' LlamaForCausalLM and
+    comes back through init_from=hf:<dir>, with equal logits at 1e-5 on both sides (norm gains random)."""
+    torch.manual_seed(2)
+    options = {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu", "n_kv_head": 2, "bias": False}
+    config = GPTConfig(name="l", n_layer=2, n_head=4, n_embd=64, block_size=48, vocab_size=GPT2_VOCAB,
+                       tie_embeddings=tied, rope_base=500.0, **options)  # fmt: skip
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln_" in name:
+                param.normal_(1, 0.2)
+    ckpt = {"model": model.state_dict(), "model_config": asdict(config), "tokenizer": {"kind": "char", "chars": "x"}}
+    export(ckpt, tmp_path / "out")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(GPT2_VOCAB, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+        back = load_pretrained(f"hf:{tmp_path / 'out'}")
+        again = GPT(GPTConfig(**back["model_config"])).eval()
+        again.load_state_dict(back["model"])
+        torch.testing.assert_close(again(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+    assert GPTConfig(**back["model_config"]).n_kv_head == 2 and back["model_config"]["tie_embeddings"] == tied
+
+
+def test_a_rotary_model_llama_cannot_express_is_refused(tmp_path: Path) -> None:
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=60, positions="rope", bias=False)
+    ckpt = {"model": GPT(config).state_dict(), "model_config": asdict(config), "tokenizer": {"kind": "char"}}
+    with pytest.raises(UserError, match=r"model\.norm=layernorm, which Llama has no equivalent for"):
+        export(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -143,7 +143,7 @@ def test_bad_option_values_are_refused() -> None:
         GPTConfig(**{**SMALL, "n_embd": 60, "n_head": 4, "positions": "rope"})
 
 
-def test_a_modern_model_trains_resumes_samples_and_is_refused_by_gpt2_export(
+def test_a_modern_model_trains_resumes_samples_and_export_names_what_llama_lacks(
     train_run, tmp_path: Path, data_dir: Path
 ) -> None:
     options = [
@@ -171,7 +171,7 @@ def test_a_modern_model_trains_resumes_samples_and_is_refused_by_gpt2_export(
     sampled = run_script("sample", f"ckpt={run}", "max_new_tokens=40", "num_samples=2", "temperature=0")
     assert sampled.returncode == 0, sampled.stderr
     exported = run_script("export", f"ckpt={run}", f"out={tmp_path / 'hf'}")
-    assert_user_error(exported, "model.positions=rope, which GPT-2 has no equivalent for", "model.positions=learned")
+    assert_user_error(exported, "model.norm_weight=false, which Llama has no equivalent for", "model.norm_weight=true")
     assert not (tmp_path / "hf").exists()
 
 

@@ -1,20 +1,26 @@
-"""GPT-2 in Hugging Face's format: OpenAI's pretrained weights in, our checkpoints out.
+"""GPT-2 and Llama in Hugging Face's format: pretrained weights in, our checkpoints out.
 
-The two models are the same network under the same parameter names, except that Hugging Face's GPT-2
-keeps its four projection matrices as `Conv1D` weights, (in, out) where `nn.Linear` has (out, in), and
-that OpenAI's GPT-2 uses the tanh approximation of GELU (`model.activation=gelu_tanh` here). Both
-directions go through `transformers` (the `hf` extra); a local directory (`hf:<dir>`) needs no network.
+GPT-2: the two models are the same network under the same parameter names, except that Hugging Face's
+GPT-2 keeps its four projection matrices as `Conv1D` weights, (in, out) where `nn.Linear` has (out, in),
+and that OpenAI's GPT-2 uses the tanh approximation of GELU (`model.activation=gelu_tanh` here).
+Llama: a model with rotary positions, RMSNorm with gains, a SwiGLU MLP and no biases (grouped-query
+attention and an untied head allowed) is Llama's network; our fused query/key/value and gate/up matrices
+are split into Llama's. Both directions go through `transformers` (the `hf` extra); a local directory
+(`hf:<dir>`) needs no network.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hydragpt.errors import UserError
-from hydragpt.model import GPTConfig
+from hydragpt.model import MLP, GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,9 @@ HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 # Model knobs whose non-default values GPT-2 has no equivalent for (export refuses them).
 GPT2_ONLY = ("positions", "norm", "norm_weight", "qk_norm", "tie_embeddings", "logit_softcap")
 FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# What a rotary model needs to be Llama's network (knob: value), and the epsilon of our RMSNorm (float32's).
+LLAMA_NEEDS = {"norm": "rmsnorm", "norm_weight": True, "activation": "swiglu", "bias": False, "qk_norm": False}
+RMS_EPS = torch.finfo(torch.float32).eps
 
 
 def is_pretrained(name: str) -> bool:
@@ -50,7 +59,8 @@ def quiet_hub_retries() -> None:
 
 
 def load_pretrained(name: str) -> dict[str, Any]:
-    """A pretrained GPT-2 as the parts of a checkpoint a new run starts from (weights, shape, tokenizer)."""
+    """A pretrained GPT-2, or a local Llama directory, as the parts of a checkpoint a new run starts from
+    (weights, shape, tokenizer)."""
     transformers = _transformers()
     source = name.removeprefix(HF_PREFIX)
     if name.startswith(HF_PREFIX) and not (Path(source) / "config.json").is_file():
@@ -58,6 +68,11 @@ def load_pretrained(name: str) -> dict[str, Any]:
             f"{source} is not a Hugging Face model directory (no config.json)",
             "give hf:<a directory with config.json and weights, as save_pretrained or scripts/export.py write>",
         )
+    if (
+        name.startswith(HF_PREFIX)
+        and json.loads((Path(source) / "config.json").read_text()).get("model_type") == "llama"
+    ):
+        return _load_llama(transformers, source)
     quiet_hub_retries()
     try:
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(source)
@@ -78,9 +93,7 @@ def load_pretrained(name: str) -> dict[str, Any]:
         "scale_attn_weights=false": not c.scale_attn_weights,
         f"vocab_size={c.vocab_size} (GPT-2's tokenizer has 50257)": c.vocab_size < GPT2_VOCAB,
     }
-    if any(unsupported.values()):
-        options = ", ".join(k for k, bad in unsupported.items() if bad)
-        raise UserError(f"'{source}' uses GPT-2 options this model does not have: {options}", "use a plain GPT-2")
+    _refuse(unsupported, f"'{source}' uses GPT-2 options this model does not have", "use a plain GPT-2")
     config = GPTConfig(
         name=Path(source).name,
         n_layer=c.n_layer,
@@ -101,11 +114,138 @@ def load_pretrained(name: str) -> dict[str, Any]:
     return {"model": state, "model_config": asdict(config), "tokenizer": GPT2_TOKENIZER}
 
 
+def _refuse(unsupported: dict[str, bool], what: str, fix: str) -> None:
+    """One error naming every option (key) that is set (value true) and that our model cannot take."""
+    if any(unsupported.values()):
+        raise UserError(f"{what}: {', '.join(k for k, bad in unsupported.items() if bad)}", fix)
+
+
+def _load_llama(transformers: Any, source: str) -> dict[str, Any]:
+    """A local Llama directory (one `export` wrote, or any of the same architecture) as checkpoint parts."""
+    try:
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as ex:
+        raise UserError(f"cannot load Llama '{source}': {str(ex).strip()[:200]}", "check the directory") from ex
+    c = hf_model.config
+    rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
+    config = GPTConfig(
+        name=Path(source).name,
+        n_layer=c.num_hidden_layers,
+        n_head=c.num_attention_heads,
+        n_embd=c.hidden_size,
+        block_size=c.max_position_embeddings,
+        vocab_size=c.vocab_size,
+        dropout=0.0,
+        bias=False,
+        activation="swiglu",
+        positions="rope",
+        rope_base=rope["rope_theta"],
+        norm="rmsnorm",
+        n_kv_head=c.num_key_value_heads,
+        tie_embeddings=c.tie_word_embeddings,
+    )
+    unsupported = {
+        f"hidden_act={c.hidden_act}": c.hidden_act != "silu",
+        "attention_bias or mlp_bias": c.attention_bias or c.mlp_bias,
+        f"rope_type={rope.get('rope_type')}": rope.get("rope_type", "default") != "default",
+        f"rms_norm_eps={c.rms_norm_eps} (ours: {RMS_EPS:.3g})": c.rms_norm_eps != RMS_EPS,
+        f"intermediate_size={c.intermediate_size}": c.intermediate_size != MLP(config).c_proj.in_features,
+        f"head_dim={getattr(c, 'head_dim', None)}": getattr(c, "head_dim", None)
+        not in (None, c.hidden_size // c.num_attention_heads),
+        f"vocab_size={c.vocab_size} (GPT-2's tokenizer has 50257)": c.vocab_size < GPT2_VOCAB,
+    }
+    _refuse(unsupported, f"'{source}' uses Llama options this model does not have", "use one export wrote")
+    sd, state = hf_model.state_dict(), {}
+    state["transformer.wte.weight"] = sd["model.embed_tokens.weight"]
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        attn, mlp = theirs + "self_attn.", theirs + "mlp."
+        state[ours + "attn.c_attn.weight"] = torch.cat([sd[attn + f"{x}_proj.weight"] for x in "qkv"])
+        state[ours + "attn.c_proj.weight"] = sd[attn + "o_proj.weight"]
+        state[ours + "mlp.c_fc.weight"] = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
+        state[ours + "mlp.c_proj.weight"] = sd[mlp + "down_proj.weight"]
+        state[ours + "ln_1.weight"] = sd[theirs + "input_layernorm.weight"]
+        state[ours + "ln_2.weight"] = sd[theirs + "post_attention_layernorm.weight"]
+    state["transformer.ln_f.weight"] = sd["model.norm.weight"]
+    state["lm_head.weight"] = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
+    log.info(
+        "loaded Llama '%s': %d layers, %d heads, %d wide", source, c.num_hidden_layers, config.n_head, c.hidden_size
+    )
+    return {"model": state, "model_config": asdict(config), "tokenizer": GPT2_TOKENIZER}
+
+
+def _typed(value: Any) -> str:
+    """A knob's value as one types it: false, null, rmsnorm."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _export_llama(transformers: Any, config: GPTConfig, ckpt: dict[str, Any], out_dir: Path) -> None:
+    """Write a rotary model as a Hugging Face Llama directory; refuse a knob Llama has no equivalent for."""
+    for knob, value in {**LLAMA_NEEDS, "logit_softcap": None}.items():
+        if getattr(config, knob) != value:
+            raise UserError(
+                f"this model has model.{knob}={_typed(getattr(config, knob))}, which Llama has no equivalent for",
+                f"export a model trained with model.{knob}={_typed(value)} (Llama's)",
+            )
+    sd, head_size, kv = ckpt["model"], config.n_embd // config.n_head, config.kv_heads
+    hidden = sd["transformer.h.0.mlp.c_proj.weight"].shape[1]
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=hidden,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=kv,
+        head_dim=head_size,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=RMS_EPS,
+        rope_theta=config.rope_base,
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+    )
+    state = {
+        "model.embed_tokens.weight": sd["transformer.wte.weight"],
+        "model.norm.weight": sd["transformer.ln_f.weight"],
+    }
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        q, k, v = sd[ours + "attn.c_attn.weight"].split([config.n_embd, kv * head_size, kv * head_size])
+        gate, up = sd[ours + "mlp.c_fc.weight"].chunk(2)
+        state |= {
+            theirs + "self_attn.q_proj.weight": q,
+            theirs + "self_attn.k_proj.weight": k,
+            theirs + "self_attn.v_proj.weight": v,
+            theirs + "self_attn.o_proj.weight": sd[ours + "attn.c_proj.weight"],
+            theirs + "mlp.gate_proj.weight": gate,
+            theirs + "mlp.up_proj.weight": up,
+            theirs + "mlp.down_proj.weight": sd[ours + "mlp.c_proj.weight"],
+            theirs + "input_layernorm.weight": sd[ours + "ln_1.weight"],
+            theirs + "post_attention_layernorm.weight": sd[ours + "ln_2.weight"],
+        }
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = sd["lm_head.weight"]
+    hf_model = transformers.LlamaForCausalLM(hf_config)
+    missing, unexpected = hf_model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing or unexpected:
+        raise UserError(
+            f"the weights do not fit Llama (missing {missing}, unexpected {unexpected})", "export a hydragpt checkpoint"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out_dir, safe_serialization=True)
+
+
 def export(ckpt: dict[str, Any], out_dir: Path) -> None:
-    """Write `ckpt`'s model as a Hugging Face GPT-2 directory (config.json, model.safetensors, and the
-    tokenizer files when the tokenizer is GPT-2's)."""
+    """Write `ckpt`'s model as a Hugging Face directory: Llama for a rotary model, else GPT-2 (config.json,
+    model.safetensors, and the tokenizer files when the tokenizer is GPT-2's)."""
     transformers = _transformers()
     config = GPTConfig(**ckpt["model_config"])
+    if config.positions == "rope":
+        _export_llama(transformers, config, ckpt, out_dir)
+        _write_tokenizer(ckpt, out_dir)
+        return
     if not config.bias:
         raise UserError(
             "GPT-2 has biases in every linear and layer-norm layer, and this model was trained with model.bias=false",
@@ -147,6 +287,11 @@ def export(ckpt: dict[str, Any], out_dir: Path) -> None:
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out_dir, safe_serialization=True)
+    _write_tokenizer(ckpt, out_dir)
+
+
+def _write_tokenizer(ckpt: dict[str, Any], out_dir: Path) -> None:
+    """GPT-2's tokenizer files beside the model, when the model uses it (a char vocabulary has none)."""
     if ckpt["tokenizer"] == GPT2_TOKENIZER:
         import tiktoken
         from transformers.integrations.tiktoken import convert_tiktoken_to_fast
