@@ -85,8 +85,8 @@ def _full_error_wanted() -> bool:
 _user_wants_traceback = _full_error_wanted()
 
 
-# How long a rank other than 0 waits before exiting on a config error that rank 0 reports too: torchrun
-# stops every rank as soon as one exits, and rank 0 must have printed the line by then.
+# How long a rank other than 0 waits before exiting on a user error: torchrun stops every rank as soon as
+# one exits, and rank 0, which meets the same error as a rule, must have printed its line by then.
 RANK_ZERO_GRACE_S = 10.0
 
 
@@ -97,10 +97,10 @@ def _exit_with(message: str, same_on_every_rank: bool = True) -> NoReturn:
     rank = os.environ.get("RANK", "0")
     if rank == "0":
         print(f"error: {message}", file=sys.stderr, flush=True)
-    elif same_on_every_rank:
-        time.sleep(RANK_ZERO_GRACE_S)  # torchrun stops this rank once rank 0 has reported and exited
     else:
-        print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
+        if not same_on_every_rank:
+            print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
+        time.sleep(RANK_ZERO_GRACE_S)  # torchrun stops this rank once rank 0 has reported and exited
     sys.exit(USER_ERROR_EXIT)
 
 
