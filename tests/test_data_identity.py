@@ -20,7 +20,7 @@ from hydragpt.data.dataset import DatasetMeta, dataset_fingerprint, setting_diff
 from hydragpt.data.identity import other_data, prepare_command
 from hydragpt.data.shards import HEADER, ShardWriter
 from hydragpt.errors import UserError
-from tests.helpers import DEBUG_RUN, open_prepared, prepare_dataset, run_script
+from tests.helpers import open_prepared, prepare_dataset, run_script, train_debug
 from tests.test_errors import assert_user_error
 
 WORDS = "the king and queen of england shall speak to thee my lord what say you now".split()
@@ -36,15 +36,7 @@ def write_corpus(path: Path, seed: int, lines: int) -> Path:
 
 
 def train(data_dir: Path, run_dir: Path, *overrides: str):
-    return run_script(
-        "train",
-        *DEBUG_RUN,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
-        "train.max_iters=4",
-        "train.eval_interval=2",
-        *overrides,
-    )
+    return train_debug(data_dir, run_dir, "train.max_iters=4", "train.eval_interval=2", *overrides)
 
 
 def error_line(result) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from hydragpt.errors import UserError
-from hydragpt.model import MLP, GPTConfig
+from hydragpt.model import GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _load_llama(transformers: Any, source: str) -> dict[str, Any]:
         "attention_bias or mlp_bias": c.attention_bias or c.mlp_bias,
         f"rope_type={rope.get('rope_type')}": rope.get("rope_type", "default") != "default",
         f"rms_norm_eps={c.rms_norm_eps} (ours: {RMS_EPS:.3g})": c.rms_norm_eps != RMS_EPS,
-        f"intermediate_size={c.intermediate_size}": c.intermediate_size != MLP(config).c_proj.in_features,
+        f"intermediate_size={c.intermediate_size}": c.intermediate_size != config.mlp_hidden,
         f"head_dim={getattr(c, 'head_dim', None)}": getattr(c, "head_dim", None)
         not in (None, c.hidden_size // c.num_attention_heads),
         f"vocab_size={c.vocab_size} (GPT-2's tokenizer has 50257)": c.vocab_size < GPT2_VOCAB,

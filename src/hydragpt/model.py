@@ -90,6 +90,15 @@ class GPTConfig:
     def kv_heads(self) -> int:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
 
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4x, or 8/3x rounded up to a multiple of 64 for SwiGLU's three matrices."""
+        return 4 * self.n_embd if self.activation != "swiglu" else -(-8 * self.n_embd // 3 // 64) * 64
+
+
+# The cos and sin of every position's rotation angles, for rotary positions (GPT.forward passes them down).
+Rotation = tuple[torch.Tensor, torch.Tensor]
+
 
 class KVCache:
     """Every layer's keys and values of the positions seen so far, so that generation feeds the model
@@ -131,7 +140,7 @@ def norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, elementwise_affine=config.norm_weight, bias=config.bias and config.norm_weight)
 
 
-def rotary_table(config: GPTConfig, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_table(config: GPTConfig, positions: int) -> Rotation:
     """cos and sin (positions, head_size / 2) of each position's rotation angles, one frequency per pair."""
     head_size = config.n_embd // config.n_head
     frequencies = config.rope_base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
@@ -152,24 +161,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_size = config.n_embd // config.n_head
         # query, key and value projections for all heads, in one matmul (fewer key/value heads with GQA)
-        kv_width = self.n_kv_head * self.head_size
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
+        self.kv_width = self.n_kv_head * self.head_size
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: KVCache | None = None,
-        layer: int = 0,
+        self, x: torch.Tensor, rope: Rotation | None = None, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width
-        kv_width = self.n_kv_head * self.head_size
-        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
+        q, k, v = self.c_attn(x).split([C, self.kv_width, self.kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
@@ -200,7 +203,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.activation = config.activation
-        hidden = 4 * config.n_embd if self.activation != "swiglu" else -(-8 * config.n_embd // 3 // 64) * 64
+        hidden = config.mlp_hidden
         gated = 2 if self.activation == "swiglu" else 1  # gate and up in one matmul
         self.c_fc = nn.Linear(config.n_embd, gated * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -229,11 +232,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: KVCache | None = None,
-        layer: int = 0,
+        self, x: torch.Tensor, rope: Rotation | None = None, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, layer)
         return x + self.mlp(self.ln_2(x))

@@ -223,8 +223,8 @@ def complete(
             for i, new in enumerate(token[:, 0].tolist()):
                 if not stopped[i]:
                     ids[i].append(new)
-                    recent = tokenizer.decode(ids[i][-tail:])
-                    stopped[i] = bool(settings.stop) and cut_at_stop(recent, settings.stop)[1]
+                    recent = ids[i][-tail:]  # decoded only when there are stop strings to look for
+                    stopped[i] = bool(settings.stop) and cut_at_stop(tokenizer.decode(recent), settings.stop)[1]
             if stream is not None and not stopped[0]:
                 pending = tokenizer.decode(ids[0][shown:])  # held back while it may start a stop string
                 if pending and not _held_back(pending, settings.stop) and not pending.endswith("\ufffd"):

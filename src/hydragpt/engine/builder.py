@@ -128,8 +128,7 @@ def build_trainer(
                 " (train.max_iters, or train.max_tokens / train.epochs)",
                 f"to train further, give a longer run, e.g. train.max_iters={2 * state.step}",
             )
-    peak_reached = any(cfg.lr.factor(step, max_iters) >= 1 - 1e-9 for step in range(max_iters))
-    if not (t.eval_only or peak_reached or max_iters == 0):
+    if not (t.eval_only or max_iters == 0 or reaches_peak(cfg.lr, max_iters)):
         log.warning(  # applied as asked (the ramp is what the run gets), but said
             "the lr never reaches its peak in this run's %d steps: is lr.warmup_iters as long as the run?"
             " shorten it or train longer",
@@ -203,6 +202,12 @@ def build_trainer(
     )
     _log_setup(cfg, run_dir, model, data, loop, state, env, device, dtype)
     return trainer
+
+
+def reaches_peak(schedule: Any, total_steps: int) -> bool:
+    """Whether the schedule's multiplier reaches 1, the peak lr, at some step of a run this long (it stops
+    looking at the first that does: the end of the warmup)."""
+    return any(schedule.factor(step, total_steps) >= 1 - 1e-9 for step in range(total_steps))
 
 
 def model_shape(
