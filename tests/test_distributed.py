@@ -77,7 +77,7 @@ def test_two_ranks_follow_one_process_with_twice_the_accumulation(
     assert "[rank 1]" not in result.stdout  # other ranks log warnings only
 
 
-@pytest.mark.slow  # bitwise resume on 2 ranks stays fast in test_faults (SIGTERM), a new world size below
+@pytest.mark.slow  # fast: bitwise resume in test_faults (SIGTERM, 1 process), a new world size below
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_resume_is_exact_on_two_ranks_and_may_change_the_world_size(data_dir: Path, tmp_path: Path, optim: str) -> None:
     common = [*DEBUG_RUN, f"paths.data_dir={data_dir}", "train.eval_interval=10", "lr.decay_iters=20", f"optim={optim}"]

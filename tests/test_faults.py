@@ -44,6 +44,11 @@ def command(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> l
     return [*launcher, script, *RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides]
 
 
+def train_here(data_dir: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """One run of RUN without hooks, forked from this process (no interpreter to start)."""
+    return run_script("train", *RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides)
+
+
 def hooked(**variables: object) -> dict[str, str]:
     """The environment of a training process with tests/fault_hooks active."""
     return {**os.environ, "PYTHONPATH": str(HOOKS), **{f"HYDRAGPT_TEST_{k}": str(v) for k, v in variables.items()}}
@@ -75,7 +80,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 120) -> None:
 def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """The uninterrupted run's training loss at every iteration."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = subprocess.run(command(data_dir, run_dir, "train.eval_interval=30"), capture_output=True, text=True)
+    result = train_here(data_dir, run_dir, "train.eval_interval=30")
     assert result.returncode == 0, result.stderr
     losses = training_losses(run_dir)
     assert sorted(losses) == list(range(MAX_ITERS))
@@ -119,7 +124,8 @@ def test_kill_9_at_random_instants_then_resume(
     assert not list(ckpt_dir.glob(".*.tmp-*"))  # the resumed process cleared the unfinished writes
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# 2 ranks (three torchrun jobs) is slow; signals under torchrun stay fast in the collective test below
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigterm_saves_the_step_and_resume_is_exact(
     data_dir: Path, tmp_path: Path, reference: dict[int, float], nproc: int
 ) -> None:
@@ -275,7 +281,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(data_dir: P
 
 def test_a_second_resume_of_a_running_directory_is_refused(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first = subprocess.run(command(data_dir, run_dir, "train.max_iters=10"), capture_output=True, text=True)
+    first = train_here(data_dir, run_dir, "train.max_iters=10")
     assert first.returncode == 0, first.stderr
     running = start(command(data_dir, run_dir, f"resume={run_dir}"), hooked(STEP_SLEEP=0.2))
     wait_for(lambda: "resuming" in (run_dir / "train.log").read_text())

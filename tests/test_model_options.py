@@ -12,7 +12,7 @@ import torch
 
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.errors import UserError
-from hydragpt.model import GPT, GPTConfig, rotary_table, rotate
+from hydragpt.model import GPT, GPTConfig, KVCache, rotary_table, rotate
 from hydragpt.sampling import generate
 from hydragpt.train_config import train_config
 from tests.helpers import compose_config, run_script
@@ -35,6 +35,15 @@ MODERN = {
 def model(**options) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**{**SMALL, **options})).eval()
+
+
+def varied(options: dict) -> GPT:
+    """A model whose random weights are scaled up and whose blocks all act: its greedy tokens vary."""
+    m = model(**{**options, "zero_init_proj": False})
+    with torch.no_grad():
+        for weight in (p for p in m.parameters() if p.dim() == 2):
+            weight.normal_(0, 4 / weight.shape[1] ** 0.5)
+    return m
 
 
 def shapes(m: GPT) -> dict[str, tuple[int, ...]]:
@@ -113,7 +122,7 @@ def test_logit_softcap_bounds_the_logits() -> None:
 def test_rotary_scores_depend_on_distance_only() -> None:
     """A query at position p and a key at position p - 2 score the same wherever p is."""
     config = GPTConfig(**SMALL, positions="rope")
-    cos, sin = rotary_table(config, 32)
+    cos, sin = rotary_table(config, 0, 32)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(p_q: int, p_k: int) -> float:
@@ -123,15 +132,37 @@ def test_rotary_scores_depend_on_distance_only() -> None:
     assert score(3, 1) != pytest.approx(score(3, 0), abs=1e-4)
 
 
-@pytest.mark.parametrize("options", [MODERN, {**MODERN, "activation": "swiglu"}])
-def test_cached_and_uncached_greedy_generation_agree(options: dict) -> None:
-    m = model(**{**options, "zero_init_proj": False})
+@pytest.mark.parametrize("options", [MODERN, {**MODERN, "activation": "swiglu", "positions": "learned"}])
+def test_cached_and_uncached_greedy_generation_agree_past_block_size(options: dict) -> None:
+    """Random weights scaled up (so that the tokens vary), a RoPE + GQA model and a learned-position one:
+    more than two blocks past block_size 32, the cached tokens are the recomputed ones."""
+    m = varied(options)
     prompt = torch.randint(0, 50, (2, 5))
     runs = [
-        torch.cat(list(generate(m, prompt, 60, temperature=0.0, use_cache=use_cache)), dim=1)
+        torch.cat(list(generate(m, prompt, 80, temperature=0.0, use_cache=use_cache)), dim=1)
         for use_cache in (True, False)
     ]
-    assert torch.equal(runs[0], runs[1])  # 65 positions: past block_size 32
+    assert len(set(runs[0][0].tolist())) > 10
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_rotary_cache_slides_past_block_size_with_one_prefill() -> None:
+    """With RoPE the window slides: after the prompt's prefill every step feeds one token, whose logits
+    are those of the last n_layer * (block_size - 1) + 1 tokens recomputed with sliding attention."""
+    m = varied(MODERN)
+    calls: list[int] = []
+    m.register_forward_pre_hook(lambda _, args, kwargs: calls.append(args[0].size(1)), with_kwargs=True)
+    tokens = torch.cat(list(generate(m, torch.randint(0, 50, (1, 5)), 70, temperature=0.0)), dim=1)
+    assert calls == [5] + [1] * 69  # 75 positions, block_size 32: never a second prefill
+    cache = KVCache(2, 32)
+    sequence = torch.cat((torch.randint(0, 50, (1, 5)), tokens), dim=1)
+    m(sequence[:, :32], cache=cache)
+    for t in range(32, 75):
+        cached, _ = m(sequence[:, t : t + 1], cache=cache)
+        recomputed, _ = m(sequence[:, max(0, t - 2 * 31) : t + 1])
+        torch.testing.assert_close(cached[0, -1], recomputed[0, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds block_size"):  # past the block, one token at a time
+        m(sequence[:, :2], cache=cache)
 
 
 def test_bad_option_values_are_refused() -> None:

@@ -105,7 +105,10 @@ class KVCache:
     only the new token at each step instead of the whole context again.
 
     The buffers hold `block_size` positions and are allocated at the first write, in the dtype the
-    keys come in (autocast's). `length` counts the positions filled.
+    keys come in (autocast's). `length` counts the positions fed so far. With rotary positions the cache
+    goes on past `block_size`, one token at a time: each new position takes the slot of the oldest one.
+    Attention over a set of keys does not depend on their order, and each rotated key carries its own
+    position, so the window slides with no prefill again.
     """
 
     def __init__(self, n_layer: int, block_size: int) -> None:
@@ -128,6 +131,10 @@ class KVCache:
         keys, values = self.keys[layer], self.values[layer]
         assert keys is not None and values is not None
         end = self.length + k.shape[2]
+        if end > self.block_size:  # sliding, one position (GPT.forward allows nothing else)
+            slot = self.length % self.block_size
+            keys[:, :, slot : slot + 1], values[:, :, slot : slot + 1] = k, v
+            return keys, values
         keys[:, :, self.length : end] = k
         values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
@@ -140,12 +147,14 @@ def norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, elementwise_affine=config.norm_weight, bias=config.bias and config.norm_weight)
 
 
-def rotary_table(config: GPTConfig, positions: int) -> Rotation:
-    """cos and sin (positions, head_size / 2) of each position's rotation angles, one frequency per pair."""
+def rotary_table(config: GPTConfig, start: int, end: int) -> Rotation:
+    """cos and sin (positions, head_size / 2) of the rotation angles of positions start..end-1, one
+    frequency per pair. The angles are taken in float64, so that positions far past the block (a sliding
+    KV cache) rotate as exactly as the first ones."""
     head_size = config.n_embd // config.n_head
     frequencies = config.rope_base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(positions, dtype=torch.float32), frequencies)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(start, end, dtype=torch.float64), frequencies.double())
+    return angles.cos().float(), angles.sin().float()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -153,6 +162,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     its position: attention scores then depend on how far apart two positions are, not where they are."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+def sliding_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout: float = 0.0
+) -> torch.Tensor:
+    """Causal attention in which each position sees the `window` positions up to itself, what a sliding
+    KV cache computes one token at a time; taken `window` queries at a time, so memory grows with the
+    sequence's length, not its square."""
+    T = q.size(2)
+    out = []
+    for first in range(0, T, window):
+        last, oldest = min(first + window, T), max(0, first - window + 1)
+        i = torch.arange(first, last, device=q.device)[:, None]
+        j = torch.arange(oldest, last, device=q.device)[None, :]
+        mask = (j <= i) & (j > i - window)
+        keys, values = k[:, :, oldest:last], v[:, :, oldest:last]
+        out.append(F.scaled_dot_product_attention(q[:, :, first:last], keys, values, attn_mask=mask, dropout_p=dropout))
+    return torch.cat(out, dim=2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -167,6 +194,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
+        self.window = config.block_size  # past it (rotary positions only) attention slides
 
     def forward(
         self, x: torch.Tensor, rope: Rotation | None = None, cache: KVCache | None = None, layer: int = 0
@@ -182,6 +210,8 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is None or cache.length == 0:
             mask, causal = None, True  # the usual triangle
+        elif T == 1:  # one new position: it sees every cached one
+            mask, causal = None, False
         else:  # new positions after `cache.length` cached ones: each sees those and the new ones up to itself
             mask, causal = torch.ones(T, cache.length + T, dtype=torch.bool, device=x.device).tril(cache.length), False
         if cache is not None:
@@ -189,9 +219,11 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
-        )  # (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if T > self.window:  # a sequence longer than the block (rotary positions): each position sees a block
+            y = sliding_attention(q, k, v, self.window, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -255,7 +287,7 @@ class GPT(nn.Module):
         if config.positions == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         else:  # the rotations of every position, computed once (not saved: they follow from the config)
-            cos, sin = rotary_table(config, config.block_size)
+            cos, sin = rotary_table(config, 0, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -315,17 +347,23 @@ class GPT(nn.Module):
         """Logits for every position of `idx` (B, T), and the mean cross-entropy when `targets` is given.
 
         With a `cache`, `idx` continues the positions already in it, and its keys and values are added.
+        Rotary models go past `block_size`, each position attending to the block_size positions up to
+        itself: a longer `idx`, or a cache fed one token at a time.
         """
         _, t = idx.size()
         start = cache.length if cache is not None else 0
-        if start + t > self.config.block_size:
+        slides = self.config.positions == "rope" and (cache is None or t == 1)
+        if start + t > self.config.block_size and not slides:
             raise ValueError(f"sequence of length {start + t} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
         rope = None
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(start, start + t, dtype=torch.long, device=idx.device))
-        else:
+        elif start + t <= self.config.block_size:
             rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])
+        else:  # past the table: a long sequence, or a sliding cache's position
+            cos, sin = rotary_table(self.config, start, start + t)
+            rope = (cos.to(idx.device), sin.to(idx.device))
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, cache, layer)
@@ -345,6 +383,8 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
+        for block in self.transformer.h:
+            block.attn.window = block_size
         if "wpe" in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
         else:

@@ -56,17 +56,22 @@ def next_token(
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-def window_start(length: int, block_size: int, origin: int = 0) -> int:
+def window_start(length: int, block_size: int, origin: int = 0, sliding_layers: int = 0) -> int:
     """Where the model's context starts in a sequence of `length` tokens whose first window starts at
     `origin` (the prompt's last `block_size` tokens).
 
-    Up to a full block the window grows. Past that, positions are learned, so the context cannot slide
-    by one token while keeping cached keys (each would change position); instead it jumps: it restarts
-    from the last half block and grows again to a full block. Cached and uncached generation both follow
-    this, so they compute the same thing.
+    Up to a full block the window grows. Past that, rotary positions slide: each position attends to the
+    block_size positions up to itself, and the cache keeps every position's keys as they were computed
+    (model.KVCache). Through `sliding_layers` layers the next token then depends on the last
+    n_layer * (block_size - 1) + 1 tokens, which recomputing must read. Learned positions cannot slide
+    while keeping cached keys (each would change position); instead the window jumps: it restarts from the
+    last half block and grows again to a full block. Cached and uncached generation both follow this, so
+    they compute the same thing.
     """
     if length - origin <= block_size:
         return origin
+    if sliding_layers:
+        return max(origin, length - sliding_layers * (block_size - 1) - 1)
     jump = block_size - block_size // 2
     return origin + -(-(length - origin - block_size) // jump) * jump
 
@@ -89,22 +94,23 @@ def generate(
     token (its keys and values join the cache); without, the whole window is recomputed every step.
     `vocab_limit` keeps padded vocabulary rows (never seen in training) from being sampled.
     """
-    block_size = model.config.block_size
+    block_size, slides = model.config.block_size, model.config.positions == "rope"
+    sliding_layers = model.config.n_layer if slides else 0
     origin = max(0, idx.size(1) - block_size)  # a long prompt: its last block
     dropped = 0  # tokens before idx[:, 0], no longer in any window: memory and time stay flat however long
     cache = KVCache(model.config.n_layer, block_size) if use_cache else None
     cached_from = -1  # where the cached window starts (none yet)
     for _ in range(max_new_tokens):
-        start = window_start(dropped + idx.size(1), block_size, origin)
+        start = window_start(dropped + idx.size(1), block_size, origin, sliding_layers)
         idx, dropped = idx[:, start - dropped :], start
         if cache is None:
             logits, _ = model(idx)
-        elif start != cached_from:  # a new window: prefill it
+        elif cache.length and (slides or start == cached_from):
+            logits, _ = model(idx[:, -1:], cache=cache)
+        else:  # the first window, or (learned positions) a new one: prefill it
             cache.reset()
             cached_from = start
             logits, _ = model(idx, cache=cache)
-        else:
-            logits, _ = model(idx[:, -1:], cache=cache)
         logits = logits[:, -1, :].float()
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
