@@ -220,7 +220,7 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if T > self.window:  # a sequence longer than the block (rotary positions): each position sees a block
+        if x.size(1) > self.window:  # a sequence longer than the block (rotary positions): each position sees a block
             y = sliding_attention(q, k, v, self.window, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
