@@ -139,7 +139,7 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_with_its_fix(trained_run: 
     ckpt = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
     torch.save({**ckpt, "version": 1}, old)
     result = run_script("sample", f"ckpt={old}")
-    assert_user_error(result, "has checkpoint version 1, this hydragpt reads version 3")
+    assert_user_error(result, "has checkpoint version 1, this hydragpt reads version 4")
     assert "use the hydragpt release that wrote it, or train it again" in result.stderr
 
 

@@ -84,6 +84,7 @@ def test_parameter_groups_cover_every_parameter_once_by_role() -> None:
     groups = model.parameter_groups()
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in groups["embeddings"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert groups["head"] == []  # tied: the head is the token table
     assert all(p.dim() == 2 and names[id(p)].startswith("transformer.h.") for p in groups["matrices"])
     assert len(groups["matrices"]) == 4 * CFG.n_layer  # c_attn, attn c_proj, c_fc, mlp c_proj
     assert all(p.dim() == 1 for p in groups["vectors"])

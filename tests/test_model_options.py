@@ -3,6 +3,8 @@ GPT-2's defaults keep its parameter names (its weights load); generation with th
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import re
 from pathlib import Path
@@ -12,10 +14,10 @@ import torch
 
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.errors import UserError
-from hydragpt.model import GPT, GPTConfig, KVCache, rotary_table, rotate
-from hydragpt.sampling import generate
+from hydragpt.model import ACTIVATIONS, GPT, GPTConfig, KVCache, rotary_table, rotate
+from hydragpt.sampling import generate, load_model
 from hydragpt.train_config import train_config
-from tests.helpers import compose_config, run_script
+from tests.helpers import compose_config, run_script, train_debug
 from tests.test_errors import assert_user_error
 
 SMALL = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 50, "bias": False}
@@ -35,6 +37,11 @@ MODERN = {
 def model(**options) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**{**SMALL, **options})).eval()
+
+
+def training_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
 
 
 def varied(options: dict) -> GPT:
@@ -174,35 +181,80 @@ def test_bad_option_values_are_refused() -> None:
         GPTConfig(**{**SMALL, "n_embd": 60, "n_head": 4, "positions": "rope"})
 
 
-def test_a_modern_model_trains_resumes_samples_and_export_names_what_llama_lacks(
-    train_run, tmp_path: Path, data_dir: Path
+# Each two-valued option with GPT-2's value first, and the four MLPs.
+TWO_WAY = {
+    "positions": ["learned", "rope"],
+    "norm": ["layernorm", "rmsnorm"],
+    "norm_weight": [True, False],
+    "qk_norm": [False, True],
+    "n_kv_head": [None, 1],
+    "tie_embeddings": [True, False],
+    "logit_softcap": [None, 15.0],
+    "zero_init_proj": [False, True],
+    "bias": [True, False],
+}
+
+
+def combinations() -> list[dict]:
+    """Ten models in which every two options meet in every pair of their values (a covering array), where
+    all 2^9 x 4 combinations would be 2048. Base row k gives option f the k-th bit of f + 1: no two
+    options get the same bits or opposite ones, so each pair of options agrees in some base row and
+    differs in another; each base row also runs with every option flipped, so every pair of values meets."""
+    rows = []
+    for k in range(5):
+        for flip in (0, 1):
+            row = {name: values[((f + 1) >> k & 1) ^ flip] for f, (name, values) in enumerate(TWO_WAY.items())}
+            rows.append({**row, "activation": ACTIVATIONS[k % 4]})
+    return rows
+
+
+def test_the_combinations_cover_every_pair_of_option_values() -> None:
+    rows, options = combinations(), {**TWO_WAY, "activation": list(ACTIVATIONS)}
+    for a, b in itertools.combinations(options, 2):
+        met = {(row[a], row[b]) for row in rows}
+        assert met == set(itertools.product(options[a], options[b])), (a, b)
+
+
+def as_overrides(row: dict) -> list[str]:
+    return [f"model.{k}={'null' if v is None else str(v).lower()}" for k, v in row.items()]
+
+
+@pytest.mark.parametrize(
+    "index", [i if i < 2 else pytest.param(i, marks=pytest.mark.slow) for i in range(len(combinations()))]
+)
+def test_each_combination_trains_resumes_exactly_and_samples_with_and_without_cache(
+    index: int, data_dir: Path, tmp_path: Path
 ) -> None:
-    options = [
-        "model.positions=rope",
-        "model.norm=rmsnorm",
-        "model.norm_weight=false",
-        "model.qk_norm=true",
-        "model.activation=swiglu",
-        "model.n_kv_head=1",
-        "model.tie_embeddings=false",
-        "model.logit_softcap=15",
-        "model.zero_init_proj=true",
-        "model.bias=true",
-        "optim=muon",
-        "lr=wsd",
-    ]
-    first = train_run(*options, "train.max_iters=4", "train.eval_interval=2")
+    """The first two (each other's opposite: between them every value of every option) run in the fast
+    suite. A run of 2 steps resumed to 4 has the losses of a straight run of 4; its checkpoint
+    generates the same greedy tokens with and without the KV cache, well past block_size."""
+    row = combinations()[index]
+    common = [*as_overrides(row), "lr=constant", "train.eval_interval=2", "model.dropout=0.1"]
+    first = train_debug(data_dir, tmp_path / "run", *common, "train.max_iters=2")
     assert first.returncode == 0, first.stderr
-    run = tmp_path / "run"
-    resumed = run_script("train", f"resume={run}", "train.max_iters=6")
+    resumed = run_script("train", f"resume={tmp_path / 'run'}", "train.max_iters=4")
     assert resumed.returncode == 0, resumed.stderr
-    ckpt = load_checkpoint(run)
-    assert ckpt["step"] == 6 and ckpt["model_config"]["positions"] == "rope"
-    assert "lm_head.weight" in ckpt["model"] and "transformer.wpe.weight" not in ckpt["model"]
-    sampled = run_script("sample", f"ckpt={run}", "max_new_tokens=40", "num_samples=2", "temperature=0")
-    assert sampled.returncode == 0, sampled.stderr
-    exported = run_script("export", f"ckpt={run}", f"out={tmp_path / 'hf'}")
-    assert_user_error(exported, "model.norm_weight=false, which Llama has no equivalent for", "model.norm_weight=true")
+    straight = train_debug(data_dir, tmp_path / "straight", *common, "train.max_iters=4")
+    assert straight.returncode == 0, straight.stderr
+    losses = [training_losses(tmp_path / name) for name in ("run", "straight")]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [0, 1, 2, 3]
+
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 4 and {k: ckpt["model_config"][k] for k in row} == row
+    m, _ = load_model(ckpt, torch.device("cpu"))
+    prompt = torch.randint(0, m.config.vocab_size, (2, 5))
+    cached, recomputed = (
+        torch.cat(list(generate(m, prompt, 80, temperature=0.0, use_cache=use_cache)), dim=1)
+        for use_cache in (True, False)
+    )
+    assert torch.equal(cached, recomputed)  # 85 positions, block_size 32
+
+
+def test_export_names_the_first_knob_llama_lacks(train_run, tmp_path: Path) -> None:
+    trained = train_run(*as_overrides(combinations()[0]), "train.max_iters=2", "train.eval_interval=2")
+    assert trained.returncode == 0, trained.stderr
+    exported = run_script("export", f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'hf'}")
+    assert_user_error(exported, "which Llama has no equivalent for", "model.")
     assert not (tmp_path / "hf").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,6 +41,19 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_with_its_lr() ->
     assert embeddings["params"] == groups["embeddings"] and vectors["params"] == groups["vectors"]
     assert (muon.param_groups[0]["initial_lr"], embeddings["initial_lr"], vectors["initial_lr"]) == (0.02, 0.005, 0.001)
     assert adamw.defaults["betas"] == (0.8, 0.95)
+
+
+def test_an_untied_head_has_its_own_lr_under_muon_and_is_decayed_under_adamw() -> None:
+    model = GPT(replace(CFG, tie_embeddings=False))
+    _, adamw = Muon(embedding_lr=0.3, head_lr=0.002).build(model, CPU)
+    embeddings, head, _ = adamw.param_groups
+    assert head["params"] == [model.lm_head.weight] and (embeddings["lr"], head["lr"]) == (0.3, 0.002)
+    (_, follows, _) = Muon(embedding_lr=0.3).build(model, CPU)[1].param_groups
+    assert follows["lr"] == 0.3  # head_lr null: embedding_lr
+    (only,) = [g for g in AdamW(weight_decay=0.1).build(model, CPU)[0].param_groups if g["weight_decay"]]
+    assert any(p is model.lm_head.weight for p in only["params"])
+    with pytest.raises(UserError, match=r"optim\.head_lr=0\.002 has no effect without model\.tie_embeddings=false"):
+        train_config(compose_config("train", ["optim=muon", "optim.head_lr=0.002"]))
 
 
 def test_muon_orthogonalises_the_update_of_a_matrix() -> None:

@@ -315,14 +315,16 @@ class GPT(nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters by role, for optimizers that treat them differently (Muon, weight decay):
-        `matrices` are the blocks' 2-D weights, `embeddings` the token and position tables (the head is
-        tied to the token table), `vectors` the gains and biases."""
-        groups: dict[str, list[nn.Parameter]] = {"matrices": [], "embeddings": [], "vectors": []}
-        for name, param in self.named_parameters():  # a tied parameter is listed once
+        `matrices` are the blocks' 2-D weights, `embeddings` the token and position tables, `head` the
+        output head when it is untied (tied, it is the token table), `vectors` the gains and biases."""
+        groups: dict[str, list[nn.Parameter]] = {"matrices": [], "embeddings": [], "head": [], "vectors": []}
+        for name, param in self.named_parameters():  # a tied parameter is listed once, as the token table
             if param.dim() < 2:
                 groups["vectors"].append(param)
-            elif name.startswith(("transformer.wte.", "transformer.wpe.", "lm_head.")):
+            elif name.startswith(("transformer.wte.", "transformer.wpe.")):
                 groups["embeddings"].append(param)
+            elif name.startswith("lm_head."):
+                groups["head"].append(param)
             else:
                 groups["matrices"].append(param)
         return groups

@@ -181,6 +181,8 @@ class TrainConfig:
         at_evaluations(
             "checkpoint.keep_every", self.checkpoint.keep_every, self.train.eval_interval, "checkpoints are written"
         )
+        if isinstance(self.optim, optim.Muon):  # a tied head is the token table, which takes embedding_lr
+            only_with(self.optim, "head_lr", not self.model.tie_embeddings, "model.tie_embeddings=false", "optim.")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from hydragpt.errors import UserError, in_chain
 
 FORMAT = "hydragpt-checkpoint"
 # 2: several optimizers (a list of states), no scheduler state (the lr is a function of the step)
-VERSION = 3  # 3: "data", the name, fingerprint and token counts of the dataset it trained on
+VERSION = 4  # 3: "data", the dataset it trained on; 4: "train_seconds", the training time so far
 CHECKPOINT_DIR = "checkpoints"
 # What a checkpoint needs to sample, evaluate or start a new run from; and, beyond that, to be resumed.
 MODEL_KEYS = ("model", "model_config", "tokenizer", "step")

@@ -44,6 +44,7 @@ class TrainState:
     tokens_per_step: int = 0
     best_val_loss: float = float("inf")
     nonfinite_steps: int = 0  # steps skipped for a nan/inf loss or gradient norm (train.skip_nonfinite)
+    train_seconds: float = 0.0  # wall time in training steps, without evaluations, checkpoints or start-up
     run_id: str = ""  # names this run in trackers (wandb's run id), kept on resume
 
 

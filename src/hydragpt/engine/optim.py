@@ -72,7 +72,11 @@ class AdamW:
     def build(self, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
         kinds = model.parameter_groups()
         groups = _groups(
-            {"params": kinds["matrices"] + kinds["embeddings"], "lr": self.lr, "weight_decay": self.weight_decay},
+            {
+                "params": kinds["matrices"] + kinds["embeddings"] + kinds["head"],
+                "lr": self.lr,
+                "weight_decay": self.weight_decay,
+            },
             {"params": kinds["vectors"], "lr": self.lr, "weight_decay": 0.0},
         )
         _describe("AdamW", groups)
@@ -86,7 +90,7 @@ MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
 @option("optim", "muon")
 class Muon:
     """torch.optim.Muon (momentum, then Newton-Schulz orthogonalisation) for the blocks' 2-D matrices;
-    AdamW for the embeddings (and the head tied to them), gains and biases, each with its own lr."""
+    AdamW for the embeddings, the output head, gains and biases, each with its own lr."""
 
     lr: float = 0.02  # Muon's peak learning rate, for the blocks' matrices
     momentum: float = 0.95  # Muon's momentum
@@ -95,8 +99,9 @@ class Muon:
     weight_decay: float = 0.0  # Muon's decoupled weight decay
     adjust_lr_fn: str = "original"  # per-shape lr scaling: original (sqrt(max(1, rows/cols))) or match_rms_adamw
     embedding_lr: float = 0.006  # AdamW's peak lr for the token and position embeddings (and the tied head)
+    head_lr: Optional[float] = None  # AdamW's peak lr for an untied output head (null: embedding_lr)
     vector_lr: float = 0.006  # AdamW's peak lr for gains and biases
-    adamw_weight_decay: float = 0.0  # AdamW's weight decay (embeddings only; never gains and biases)
+    adamw_weight_decay: float = 0.0  # AdamW's weight decay (embeddings and head; never gains and biases)
     adamw_beta1: float = 0.8  # AdamW's first-moment decay
     adamw_beta2: float = 0.95  # AdamW's second-moment decay
     adamw_eps: float = 1e-10  # AdamW's denominator epsilon
@@ -104,9 +109,16 @@ class Muon:
 
     def __post_init__(self) -> None:
         numbers = ("lr", "momentum", "weight_decay", "embedding_lr", "vector_lr", "adamw_weight_decay")
+        numbers += ("adamw_beta1", "adamw_beta2", "adamw_eps") + (("head_lr",) if self.head_lr is not None else ())
         _check(
-            {key: getattr(self, key) for key in (*numbers, "adamw_beta1", "adamw_beta2", "adamw_eps")},
-            examples={"lr": "0.02", "embedding_lr": "0.006", "vector_lr": "0.006", "adamw_eps": "1e-10"},
+            {key: getattr(self, key) for key in numbers},
+            examples={
+                "lr": "0.02",
+                "embedding_lr": "0.006",
+                "head_lr": "0.002",
+                "vector_lr": "0.006",
+                "adamw_eps": "1e-10",
+            },
         )
         require(
             hasattr(torch.optim, "Muon"),
@@ -125,6 +137,11 @@ class Muon:
         muon_groups = _groups({"params": kinds["matrices"], "lr": self.lr, "weight_decay": self.weight_decay})
         adam_groups = _groups(
             {"params": kinds["embeddings"], "lr": self.embedding_lr, "weight_decay": self.adamw_weight_decay},
+            {
+                "params": kinds["head"],
+                "lr": self.embedding_lr if self.head_lr is None else self.head_lr,
+                "weight_decay": self.adamw_weight_decay,
+            },
             {"params": kinds["vectors"], "lr": self.vector_lr, "weight_decay": 0.0},
         )
         _describe("Muon", muon_groups)

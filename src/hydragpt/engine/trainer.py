@@ -220,8 +220,8 @@ class Trainer:
 
     def _train_loop(self) -> None:
         loop, state = self.loop, self.state
-        first_step = state.step
-        window_start, window_steps, train_seconds = time.perf_counter(), 0, 0.0
+        first_step, first_seconds = state.step, state.train_seconds
+        window_start, window_steps = time.perf_counter(), 0
         while state.step < loop.max_iters:
             self.train_step()
             window_steps += 1
@@ -232,17 +232,17 @@ class Trainer:
                 latest, stop = self._read_pending()
                 if latest is not None and logging_step:
                     elapsed = time.perf_counter() - window_start
-                    train_seconds += elapsed
+                    state.train_seconds += elapsed
                     self._log_step(latest, window_steps, elapsed)
                     window_start, window_steps = time.perf_counter(), 0
                 if evaluating:
-                    train_seconds += time.perf_counter() - window_start
+                    state.train_seconds += time.perf_counter() - window_start
                     self._evaluate(save=True)
                     window_start, window_steps = time.perf_counter(), 0
                 if stop and not finished:
                     self._stop_with_checkpoint()
                     return
-        steps = state.step - first_step
+        steps, train_seconds = state.step - first_step, state.train_seconds - first_seconds
         if steps:
             log.info(
                 "done: %d iters in %.1fs (%.1fs training, %s tok/s), best val loss %.4f, checkpoints in %s",
@@ -297,7 +297,7 @@ class Trainer:
         for evaluate in self.evaluators:
             record.update(evaluate(self.eval_model, self.state.step, final))
         self.eval_model.train()
-        self._log({**record, "time": time.perf_counter() - self.start_time})
+        self._log({**record, "time": time.perf_counter() - self.start_time, "train_seconds": self.state.train_seconds})
         val_loss = record["val_loss"]
         if not math.isfinite(val_loss):
             raise self._diverged(f"val loss became {val_loss} at iter {self.state.step}")
