@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, Node, StringNode
 
 from hydragpt import config
+from hydragpt.bench.time_to_loss import bench_time_to_loss_config
 from hydragpt.errors import UserError, composition_error
 from hydragpt.train_config import OPTION_GROUPS, bench_sample_config, train_config
 from tests.helpers import CONF_DIR, compose_config
@@ -36,10 +37,12 @@ SCRIPTS: dict[str, tuple[Callable[[DictConfig], Any], list[str]]] = {
     "plot": (config.plot_config, ["run=outputs/run"]),
     "bench_prepare": (config.bench_prepare_config, []),
     "bench_sample": (bench_sample_config, []),
+    "bench_time_to_loss": (bench_time_to_loss_config, []),
 }
 # Knobs whose every string is a value: names, paths, URLs, prompts, labels.
 FREE_TEXT = {
     "name",
+    "runs",  # train.py overrides, composed when the benchmark starts
     "source",
     "hf_name",
     "hf_split",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hydragpt.bench.time_to_loss import BenchTimeToLossConfig, Run, report
 from hydragpt.engine.checkpoint import load_checkpoint
 from hydragpt.engine.optim import Muon
 from hydragpt.engine.schedule import WarmupStableDecay
@@ -74,6 +75,26 @@ def test_speedrun_gpt2_runs_a_few_steps_on_cpu_at_debug_size(gpt2_bpe: None, cor
     assert [g["initial_lr"] for g in adamw["param_groups"]] == [0.3, 0.002]  # embedding, untied head
 
 
+def test_the_report_gives_times_to_the_target_ratios_and_val_loss_at_the_budget() -> None:
+    def run(label: str, round_: int, *points: tuple[int, float, float]) -> Run:
+        return Run(label, round_, [{"iter": i, "val_loss": v, "train_seconds": s} for i, v, s in points])
+
+    done = [
+        run("a", 0, (0, 4.0, 0.0), (50, 2.0, 40.0), (100, 1.8, 80.0)),
+        run("b", 0, (0, 4.0, 0.0), (50, 1.85, 10.0), (100, 1.7, 20.0)),
+        run("a", 1, (0, 4.0, 0.0), (50, 2.0, 60.0), (100, 1.9, 100.0)),
+        run("b", 1, (0, 4.0, 0.0), (50, 1.95, 14.0), (100, 1.8, 30.0)),
+    ]
+    cfg = BenchTimeToLossConfig(runs=["a", "b"], target=1.9)
+    table = report(cfg, done, Path("w"))
+    assert "| 1 | a | 100 | 80.0 | 80.0 | 1.8000 |" in table and "| 2 | b | 100 | 30.0 | 30.0 | 1.8000 |" in table
+    # a: 80 and 100 s, median 90; b: 10 and 30 s, median 20 (0.22x). By a's median training time (90 s)
+    # a had 1.8 (its end, at 80 s) and 2.0 (iter 50 of round 2), b its final 1.7 and 1.8
+    assert "| a | 90.0 | 1.00x | 1.9000 |" in table and "| b | 20.0 | 0.22x | 1.7500 |" in table
+    assert "| b | not reached |" in report(BenchTimeToLossConfig(runs=["a", "b"], target=1.75), done, Path("w"))
+
+
+@pytest.mark.slow  # fast: the report above, and the refusals below
 def test_the_benchmark_times_each_run_to_the_target_from_its_records(data_dir: Path, tmp_path: Path) -> None:
     runs = ["experiment=debug train.max_iters=8", "experiment=debug train.max_iters=8 model.positions=rope"]
     result = run_script(
@@ -121,3 +142,20 @@ def test_speedrun_cpu_is_tiny_cpus_run_with_todays_recipe() -> None:
         0.005,
     )
     assert isinstance(fast.lr, WarmupStableDecay) and (fast.train.max_iters, fast.train.batch_size) == (120, 40)
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [
+        ('["experiment=debug train.eval_iters=3"]', "run 'experiment=debug train.eval_iters=3' sets train.eval_iters"),
+        ('["experiment=debug","experiment=debug"]', "runs lists the same run twice"),
+        (
+            '["experiment=debug model.n_layer=-1"]',
+            "run 'experiment=debug model.n_layer=-1': model.n_layer must be >= 1",
+        ),
+    ],
+)
+def test_the_benchmark_refuses_what_it_would_not_measure_as_asked(runs: str, message: str, tmp_path: Path) -> None:
+    result = run_script("bench_time_to_loss", f"runs={runs}", f"paths.output_dir={tmp_path}")
+    assert_user_error(result, message)
+    assert not (tmp_path / "bench_time_to_loss").exists()

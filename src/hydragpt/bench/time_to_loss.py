@@ -31,6 +31,14 @@ from hydragpt.train_config import train_config
 
 log = logging.getLogger(__name__)
 SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
+# What the benchmark gives every run, so that all are measured alike, and the knob that sets it.
+BENCHMARK_SETS = {
+    "train.eval_interval": "the benchmark's eval_interval sets it",
+    "train.eval_iters": "the benchmark's eval_windows sets it",
+    "paths.data_dir": "the benchmark's paths.data_dir sets it",
+    "hydra.run.dir": "the benchmark's work_dir holds the runs",
+    "train.plot": "the benchmark draws no plots",
+}
 
 
 @dataclass
@@ -45,8 +53,7 @@ class BenchTimeToLossConfig:
     eval_interval: int = 50  # steps between evaluations: the resolution of the time to the target
     eval_windows: int = 240  # val windows per evaluation, the same for every run (a multiple of each batch size)
     work_dir: str = "${paths.output_dir}/bench_time_to_loss"  # where the runs' directories go, one per run and round
-    budget: Optional[float] = None  # also report each run's val loss at this many training seconds (null: the
-    # baseline's median training time)
+    budget: Optional[float] = None  # also each run's val loss by this many training seconds (null: baseline's median)
 
 
 @dataclass
@@ -65,10 +72,8 @@ class Run:
         hit = self.reached(target)
         return hit["train_seconds"] if hit else None
 
-    def val_loss_at(self, seconds: float) -> float | None:
-        """The val loss of the last evaluation within `seconds` of training (None: the run ended sooner)."""
-        if self.evaluations[-1]["train_seconds"] < seconds * 0.98:  # 2%: the runs' own timing noise
-            return None
+    def val_loss_by(self, seconds: float) -> float:
+        """The val loss of its last evaluation within `seconds` of training (its final one if it ended sooner)."""
         return [e for e in self.evaluations if e["train_seconds"] <= seconds][-1]["val_loss"]
 
     @property
@@ -78,9 +83,12 @@ class Run:
 
 def bench_time_to_loss_config(cfg: DictConfig) -> BenchTimeToLossConfig:
     typed = to_dataclass(cfg, BenchTimeToLossConfig)
-    require(len(typed.runs) >= 1, "runs must list at least one run", "e.g. runs=[experiment=tiny_cpu]")
+    example = 'e.g. \'runs=["experiment=tiny_cpu","experiment=speedrun_cpu"]\''
+    require(len(typed.runs) >= 1, "runs must list at least one run", example)
+    require(len(set(typed.runs)) == len(typed.runs), "runs lists the same run twice", f"list each once ({example})")
     for key in ("repeats", "eval_interval", "eval_windows"):
         require(getattr(typed, key) >= 1, f"{key} must be >= 1, got {getattr(typed, key)}", "set a positive count")
+    require(typed.target > 0, f"target must be > 0, got {typed.target}", "a val loss, e.g. target=1.886")
     require(typed.budget is None or typed.budget > 0, f"budget must be > 0, got {typed.budget}", "or null")
     return typed
 
@@ -88,6 +96,12 @@ def bench_time_to_loss_config(cfg: DictConfig) -> BenchTimeToLossConfig:
 def train_arguments(run: str, cfg: BenchTimeToLossConfig) -> list[str]:
     """The run's train.py overrides with the benchmark's evaluation, after checking that they compose: a
     typo fails here, before any run has trained."""
+    for key in (override.split("=", 1)[0] for override in run.split()):
+        if key in BENCHMARK_SETS:
+            raise UserError(
+                f"run '{run}' sets {key}, which the benchmark sets for every run",
+                f"drop it from the run; {BENCHMARK_SETS[key]}",
+            )
     overrides = [*run.split(), f"paths.data_dir={cfg.paths.data_dir}", "train.plot=false"]
     try:
         composed = train_config(compose(config_name="train", overrides=overrides))
@@ -102,7 +116,8 @@ def train_arguments(run: str, cfg: BenchTimeToLossConfig) -> list[str]:
     return [*overrides, f"train.eval_interval={cfg.eval_interval}", f"train.eval_iters={cfg.eval_windows // batch}"]
 
 
-def train(label: str, round_: int, arguments: list[str], run_dir: Path) -> Run:
+def train_once(label: str, round_: int, arguments: list[str], run_dir: Path) -> Run:
+    """One run of train.py as a user would start it; its evaluations, read back from metrics.jsonl."""
     command = [sys.executable, str(SCRIPTS / "train.py"), *arguments, f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -128,7 +143,7 @@ def bench_time_to_loss(cfg: BenchTimeToLossConfig) -> str:
     done: list[Run] = []
     for round_ in range(cfg.repeats):
         for index, run in enumerate(cfg.runs):
-            done.append(train(run, round_, arguments[run], work / f"round{round_ + 1}" / f"run{index + 1}"))
+            done.append(train_once(run, round_, arguments[run], work / f"round{round_ + 1}" / f"run{index + 1}"))
     return report(cfg, done, work)
 
 
@@ -156,17 +171,17 @@ def report(cfg: BenchTimeToLossConfig, done: list[Run], work: Path) -> str:
         lines.append(f"| {r.round + 1} | {r.label} | {steps} | {seconds} | {r.seconds:.1f} | {final:.4f} |")
     lines += [
         "",
-        f"| run | median seconds to target | time vs {baseline} | val loss at {budget:.0f} training seconds |",
+        f"| run | median seconds to target | time vs {baseline} | val loss by {budget:.0f} training seconds |",
         "|---|---|---|---|",
     ]
     base = _median([r.seconds_to(cfg.target) for r in by_run[baseline]])
     for run, runs in by_run.items():
         median = _median([r.seconds_to(cfg.target) for r in runs])
-        at_budget = _median([r.val_loss_at(budget) for r in runs])
+        by_budget = statistics.median(r.val_loss_by(budget) for r in runs)
         lines.append(
             f"| {run} | {'not reached' if median is None else f'{median:.1f}'}"
             f" | {'-' if median is None or not base else f'{median / base:.2f}x'}"
-            f" | {'ended sooner' if at_budget is None else f'{at_budget:.4f}'} |"
+            f" | {by_budget:.4f} |"
         )
     return "\n".join(lines)
 
