@@ -22,6 +22,7 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, Node, StringNod
 
 from hydragpt import config
 from hydragpt.bench.time_to_loss import bench_time_to_loss_config
+from hydragpt.bench.train import bench_train_config
 from hydragpt.errors import UserError, composition_error
 from hydragpt.train_config import OPTION_GROUPS, bench_sample_config, train_config
 from tests.helpers import CONF_DIR, compose_config
@@ -38,6 +39,7 @@ SCRIPTS: dict[str, tuple[Callable[[DictConfig], Any], list[str]]] = {
     "bench_prepare": (config.bench_prepare_config, []),
     "bench_sample": (bench_sample_config, []),
     "bench_time_to_loss": (bench_time_to_loss_config, []),
+    "bench_train": (bench_train_config, []),
 }
 # Knobs whose every string is a value: names, paths, URLs, prompts, labels.
 FREE_TEXT = {

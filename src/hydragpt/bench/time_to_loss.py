@@ -8,36 +8,27 @@ at or below the target: training time only, so how often the benchmark evaluates
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from hydra import compose
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from hydragpt.bench.runs import check_run, run_train, validate_runs
 from hydragpt.config import PathsConfig, require, to_dataclass
-from hydragpt.errors import UserError
-from hydragpt.train_config import train_config
 
 # Optional[...] rather than `X | None`: OmegaConf reads these annotations when the config is composed.
 # ruff: noqa: UP045
 
 log = logging.getLogger(__name__)
-SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
-# What the benchmark gives every run, so that all are measured alike, and the knob that sets it.
-BENCHMARK_SETS = {
+# What this benchmark gives every run, so that all are measured alike, and the knob that sets it.
+SETS = {
     "train.eval_interval": "the benchmark's eval_interval sets it",
     "train.eval_iters": "the benchmark's eval_windows sets it",
-    "paths.data_dir": "the benchmark's paths.data_dir sets it",
-    "hydra.run.dir": "the benchmark's work_dir holds the runs",
-    "train.plot": "the benchmark draws no plots",
 }
 
 
@@ -83,9 +74,7 @@ class Run:
 
 def bench_time_to_loss_config(cfg: DictConfig) -> BenchTimeToLossConfig:
     typed = to_dataclass(cfg, BenchTimeToLossConfig)
-    example = 'e.g. \'runs=["experiment=tiny_cpu","experiment=speedrun_cpu"]\''
-    require(len(typed.runs) >= 1, "runs must list at least one run", example)
-    require(len(set(typed.runs)) == len(typed.runs), "runs lists the same run twice", f"list each once ({example})")
+    validate_runs(typed.runs, """'runs=["experiment=tiny_cpu","experiment=speedrun_cpu"]'""")
     for key in ("repeats", "eval_interval", "eval_windows"):
         require(getattr(typed, key) >= 1, f"{key} must be >= 1, got {getattr(typed, key)}", "set a positive count")
     require(typed.target > 0, f"target must be > 0, got {typed.target}", "a val loss, e.g. target=1.886")
@@ -94,19 +83,8 @@ def bench_time_to_loss_config(cfg: DictConfig) -> BenchTimeToLossConfig:
 
 
 def train_arguments(run: str, cfg: BenchTimeToLossConfig) -> list[str]:
-    """The run's train.py overrides with the benchmark's evaluation, after checking that they compose: a
-    typo fails here, before any run has trained."""
-    for key in (override.split("=", 1)[0] for override in run.split()):
-        if key in BENCHMARK_SETS:
-            raise UserError(
-                f"run '{run}' sets {key}, which the benchmark sets for every run",
-                f"drop it from the run; {BENCHMARK_SETS[key]}",
-            )
-    overrides = [*run.split(), f"paths.data_dir={cfg.paths.data_dir}", "train.plot=false"]
-    try:
-        composed = train_config(compose(config_name="train", overrides=overrides))
-    except UserError as ex:
-        raise UserError(f"run '{run}': {ex.what}", ex.fix) from ex
+    """The run's train.py overrides with the benchmark's evaluation, once they are known to compose."""
+    overrides, composed = check_run(run, cfg.paths.data_dir, SETS)
     batch = composed.train.batch_size
     require(
         cfg.eval_windows % batch == 0,
@@ -117,22 +95,10 @@ def train_arguments(run: str, cfg: BenchTimeToLossConfig) -> list[str]:
 
 
 def train_once(label: str, round_: int, arguments: list[str], run_dir: Path) -> Run:
-    """One run of train.py as a user would start it; its evaluations, read back from metrics.jsonl."""
-    command = [sys.executable, str(SCRIPTS / "train.py"), *arguments, f"hydra.run.dir={run_dir}"]
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
-        raise UserError(f"run '{label}' failed: {last_line}", f"see {run_dir}/train.log, or run it alone")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """One run, as its evaluations."""
+    records, seconds, _ = run_train(label, arguments, run_dir)
     evaluations = [{key: r[key] for key in ("iter", "val_loss", "train_seconds")} for r in records if "val_loss" in r]
-    log.info(
-        "round %d, %s: %.0fs (%.0fs training)",
-        round_ + 1,
-        label,
-        time.perf_counter() - started,
-        evaluations[-1]["train_seconds"],
-    )
+    log.info("round %d, %s: %.0fs (%.0fs training)", round_ + 1, label, seconds, evaluations[-1]["train_seconds"])
     return Run(label, round_, evaluations)
 
 
