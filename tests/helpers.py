@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
 import os
 import runpy
@@ -157,6 +158,12 @@ def train_debug(data_dir: Path, run_dir: Path, *overrides: str) -> subprocess.Co
         "optim.lr=1e-2",
         *overrides,
     )
+
+
+def training_losses(run_dir: Path) -> dict[int, float]:
+    """The run's training loss at each logged iteration, from metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
 
 
 def open_prepared(dataset_dir: Path) -> TokenDataset:

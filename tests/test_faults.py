@@ -7,7 +7,6 @@ slows a run down or poisons it so that a test can hit a chosen instant (see its 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -27,7 +26,7 @@ from hydragpt.engine.preemption import PREEMPTED_EXIT
 from hydragpt.engine.run_lock import RunLock
 from hydragpt.errors import UserError
 from hydragpt.train_config import train_config
-from tests.helpers import DEBUG_RUN, REPO, compose_config, open_prepared, run_script
+from tests.helpers import DEBUG_RUN, REPO, compose_config, open_prepared, run_script, training_losses
 
 HOOKS = Path(__file__).parent / "fault_hooks"
 MAX_ITERS = 60
@@ -56,11 +55,6 @@ def hooked(**variables: object) -> dict[str, str]:
 
 def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-
-
-def training_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iter"]: r["loss"] for r in records if "loss" in r}
 
 
 def logged_iters(run_dir: Path) -> int:

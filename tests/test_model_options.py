@@ -4,7 +4,6 @@ GPT-2's defaults keep its parameter names (its weights load); generation with th
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from hydragpt.errors import UserError
 from hydragpt.model import ACTIVATIONS, GPT, GPTConfig, KVCache, rotary_table, rotate
 from hydragpt.sampling import generate, load_model
 from hydragpt.train_config import train_config
-from tests.helpers import compose_config, run_script, train_debug
+from tests.helpers import compose_config, run_script, train_debug, training_losses
 from tests.test_errors import assert_user_error
 
 SMALL = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 50, "bias": False}
@@ -37,11 +36,6 @@ MODERN = {
 def model(**options) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**{**SMALL, **options})).eval()
-
-
-def training_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iter"]: r["loss"] for r in records if "loss" in r}
 
 
 def varied(options: dict) -> GPT:

@@ -74,3 +74,8 @@ def run_measured(
     done.set()
     sampler.join()
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), seconds, (peak_pss, peak_rss)
+
+
+def last_error(result: subprocess.CompletedProcess) -> str:
+    """What a failed script said last (its one `error:` line, without the prefix)."""
+    return (result.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hydragpt.bench.memory import run_measured
+from hydragpt.bench.memory import last_error, run_measured
 from hydragpt.config import BenchPrepareConfig
 from hydragpt.errors import UserError
 
@@ -71,9 +71,8 @@ def bench_prepare(cfg: BenchPrepareConfig) -> str:
             ]
             result, seconds, (pss, rss) = run_measured(command)
             if result.returncode != 0:
-                last_line = result.stderr.strip().splitlines()[-1].removeprefix("error: ")
                 raise UserError(
-                    f"data preparation failed: {last_line}",
+                    f"data preparation failed: {last_error(result)}",
                     "bench_prepare's tokenizer, workers and task_mb are prepare.py's data.tokenizer, workers, task_mb",
                 )
             meta = json.loads((work / name / "meta.json").read_text())
