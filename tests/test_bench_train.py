@@ -4,10 +4,12 @@ would not measure as asked."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from hydragpt.bench.memory import run_measured, tree_rss_high_water
 from hydragpt.bench.train import measure
 from tests.helpers import run_script
 from tests.test_errors import assert_user_error
@@ -24,9 +26,18 @@ def test_the_figures_are_medians_after_warmup_and_the_last_evaluation() -> None:
     ]
     cpu = measure("a", 0, records, warmup=1, peak_rss=300 * 2**20, peak=2e12)
     assert (cpu.ms_per_step, cpu.tokens_per_sec, cpu.mfu) == (20.0, 50.0, 0.02)  # step 0 (900 ms) left out
-    assert (cpu.peak_memory_mib, cpu.peak_tflops, cpu.val_loss, cpu.train_loss) == (300, 2.0, 2.5, 2.7)
+    assert (cpu.peak_memory_mib, cpu.peak_tflops, cpu.val_loss) == (300, 2.0, 2.5)
+    assert cpu.train_loss == pytest.approx((2.9 + 2.8 + 2.7) / 3)  # the mean of the last steps measured
     gpu = measure("a", 0, [{**r, "peak_memory_gib": 1.5} if "dt_ms" in r else r for r in records], 1, 300 * 2**20, None)
     assert (gpu.peak_memory_mib, gpu.peak_tflops) == (1536, None)  # CUDA's allocation, not the process's RSS
+
+
+def test_a_runs_peak_memory_is_its_high_water_mark_read_cheaply() -> None:
+    """A child that holds 300 MB for a moment, then frees it: the peak is read from the kernel's record."""
+    holds = "import time; block = bytearray(300 * 2**20); time.sleep(1.5); del block; time.sleep(0.6)"
+    result, _, (peak,) = run_measured([sys.executable, "-c", holds], tree_rss_high_water, interval=0.5)
+    assert result.returncode == 0
+    assert 300 * 2**20 <= peak < 600 * 2**20
 
 
 def test_one_run_end_to_end(data_dir: Path, tmp_path: Path) -> None:

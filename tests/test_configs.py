@@ -102,7 +102,7 @@ def test_sample_and_prepare_configs_compose() -> None:
         ("system.device=tpu", "unknown system.device 'tpu'"),
         ("system.dtype=int8", "unknown system.dtype 'int8'"),
         ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
-        ("train.batch_size=0", "train.batch_size must be >= 1"),
+        ("train.batch_size=0", "train.batch_size must be a count >= 1 or auto, got 0"),
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("optim.beta2=1.5", "optim.beta2 must be in [0, 1)"),
         ("lr.min_lr_ratio=1.5", "lr.min_lr_ratio must be in [0, 1], got 1.5"),

@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
-from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, Node, StringNode
+from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, Node, StringNode
 
 from hydragpt import config
 from hydragpt.bench.time_to_loss import bench_time_to_loss_config
@@ -72,12 +72,20 @@ FREE_TEXT = {
     "file",
     "dir",
 }
-WRONG_TYPE = {IntegerNode: ["abc", "1.5"], FloatNode: ["abc"], BooleanNode: ["maybe"], StringNode: ["[1,2]"]}
+# AnyNode: a count or a word (train.batch_size: a number or auto)
+WRONG_TYPE = {
+    IntegerNode: ["abc", "1.5"],
+    FloatNode: ["abc"],
+    BooleanNode: ["maybe"],
+    StringNode: ["[1,2]"],
+    AnyNode: ["abc", "1.5", "[1,2]"],
+}
 OUT_OF_RANGE = {
     IntegerNode: ["-1", str(2**64)],
     FloatNode: ["-1.0", "nan", "inf"],
     BooleanNode: [],
     StringNode: ["no_such_value"],
+    AnyNode: ["-1", "0"],
 }
 
 

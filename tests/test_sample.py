@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,10 +137,12 @@ def test_sample_script_with_and_without_cache(trained_run: Path) -> None:
 
 
 def test_sampling_benchmark_reports_both_modes() -> None:
-    result = run_script("bench_sample", "model=debug", "max_new_tokens=40", "repeats=1", "num_samples=2")
+    result = run_script("bench_sample", "model=debug", "max_new_tokens=40", "repeats=1", "batch_sizes=[1,3]")
     assert result.returncode == 0, result.stderr
-    assert "| 1 | kv cache |" in result.stdout and "| 1 | recompute |" in result.stdout
-    assert "identical greedy tokens: yes" in result.stdout
+    for batch in (1, 3):
+        assert f"| 1 | {batch} | kv cache |" in result.stdout and f"| 1 | {batch} | recompute |" in result.stdout
+        # its medians, the speed-up, and identical greedy tokens
+        assert re.search(rf"^\| {batch} \| [\d,]+ \| [\d,]+ \| [\d.]+x \| yes \|$", result.stdout, re.MULTILINE)
 
 
 def test_stop_strings_jsonl_and_an_output_file(trained_run: Path, tmp_path: Path) -> None:

@@ -115,6 +115,7 @@ class SystemConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto (bfloat16 on GPUs that have it, float32 elsewhere), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model: faster steps on GPUs after a one-off compile
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
     matmul_precision: str = "high"  # float32 matmuls: highest (exact fp32), high (TF32 on GPUs), medium (bf16)
     seed: int = 1337  # seeds init, data order and dropout: same seed, same run
     peak_flops: Optional[float] = None  # the device's peak FLOP/s for MFU; null looks it up in a table

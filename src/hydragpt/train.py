@@ -192,6 +192,7 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig) -> Trainer:
         try:
             run_dir = Path(distributed.broadcast_object(hydra_cfg.runtime.output_dir))
             choices = resume_from["config_choices"] if resume_from else _group_choices(hydra_cfg)
+            auto_batch = typed.train.batch_size == "auto"
             trainer = build_trainer(
                 typed,
                 run_dir,
@@ -202,7 +203,8 @@ def _train(cfg: DictConfig, hydra_cfg: DictConfig) -> Trainer:
                 stop=stop,
                 pinned_model_keys=_pinned_model_keys(hydra_cfg),
             )
-            if env.is_main and (resume_from or typed.train.init_from != "scratch"):  # once it proved valid
+            # once it proved valid, and with what a checkpoint or batch_size=auto decided
+            if env.is_main and (resume_from or typed.train.init_from != "scratch" or auto_batch):
                 _record_config(run_dir, trainer.checkpointer.metadata["config"], overrides if resume_from else [])
             if resume_from:
                 log.info("resuming %s from iter %d with overrides %s", run_dir, resume_from["step"], overrides)

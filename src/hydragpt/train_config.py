@@ -62,7 +62,7 @@ class TrainLoopConfig:
     max_iters: int = 2000  # optimizer steps to train for
     max_tokens: Optional[int] = None  # or train for this many tokens: max_iters = ceil(max_tokens / tokens per step)
     epochs: Optional[float] = None  # or for this many passes over the training split (data.sampling=sequential)
-    batch_size: int = 12  # sequences per micro-batch (per device); memory grows with it
+    batch_size: Any = 12  # sequences per micro-batch (per device), or auto: the largest that fits (see below)
     grad_accum_steps: Optional[int] = 1  # micro-batches per optimizer step: a larger batch at the same memory
     total_batch_size: Optional[int] = None  # tokens per optimizer step; when set it derives the accumulation
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables clipping)
@@ -97,9 +97,21 @@ class TrainLoopConfig:
         )
         require(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens must be >= 1", "or null")
         require(self.epochs is None or self.epochs > 0, "train.epochs must be > 0", "e.g. train.epochs=1, or null")
-        for key in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
+        for key in ("eval_interval", "eval_iters", "log_interval"):
             value = getattr(self, key)
             require(value >= 1, f"train.{key} must be >= 1, got {value}", "set a positive count")
+        if self.batch_size == "auto":
+            require(
+                self.total_batch_size is not None,
+                "train.batch_size=auto needs train.total_batch_size: the accumulation is derived from it",
+                "set the tokens per optimizer step, e.g. train.total_batch_size=524288",
+            )
+        else:
+            require(
+                type(self.batch_size) is int and self.batch_size >= 1,
+                f"train.batch_size must be a count >= 1 or auto, got {self.batch_size}",
+                "e.g. train.batch_size=12, or train.batch_size=auto with train.total_batch_size",
+            )
         require(
             self.grad_accum_steps is not None or self.total_batch_size is not None,
             "train.grad_accum_steps and train.total_batch_size are both null",
@@ -195,11 +207,25 @@ class BenchSampleConfig:
     vocab_size: int = 65  # vocabulary of the random model (65: Shakespeare's characters)
     prompt_tokens: int = 16  # random prompt length
     max_new_tokens: int = 500  # tokens generated per sample and mode
-    num_samples: int = 1  # sequences generated together (the batch)
-    repeats: int = 2  # rounds, each running both modes
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])  # sequences generated together, each measured
+    repeats: int = 2  # rounds, each running every batch size in both modes
     device: str = "cpu"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32, bfloat16, float16 (auto: bfloat16 on GPUs)
     seed: int = 1337  # random weights and prompt
+
+
+def sequences_per_rank(t: TrainLoopConfig, block_size: int, world_size: int) -> int:
+    """The sequences each rank contributes to an optimizer step of `train.total_batch_size` tokens."""
+    assert t.total_batch_size is not None
+    per_sequence = block_size * world_size
+    if t.total_batch_size % per_sequence != 0:
+        nearest = per_sequence * math.ceil(t.total_batch_size / per_sequence)
+        raise UserError(
+            f"train.total_batch_size={t.total_batch_size} is not divisible by block_size x world_size ="
+            f" {block_size} x {world_size} = {per_sequence}",
+            f"use a multiple of {per_sequence}, e.g. {nearest}",
+        )
+    return t.total_batch_size // per_sequence
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
@@ -254,14 +280,20 @@ def train_config(cfg: DictConfig | dict[str, Any], world_size: int = 1) -> Train
         raise invalid_value(ex) from ex
     typed = to_dataclass(merged, TrainConfig)
     if typed.train.init_from == "scratch":  # from a checkpoint, the block size is only known once loaded
-        grad_accum_steps(typed.train, typed.model.block_size, world_size)
+        check_batch = sequences_per_rank if typed.train.batch_size == "auto" else grad_accum_steps
+        check_batch(typed.train, typed.model.block_size, world_size)
     return typed
 
 
 def bench_sample_config(cfg: DictConfig) -> BenchSampleConfig:
     typed = to_dataclass(cfg, BenchSampleConfig)
-    for key in ("vocab_size", "prompt_tokens", "max_new_tokens", "num_samples", "repeats"):
+    for key in ("vocab_size", "prompt_tokens", "max_new_tokens", "repeats"):
         require(getattr(typed, key) >= 1, f"{key} must be >= 1, got {getattr(typed, key)}", "set a positive count")
+    require(
+        bool(typed.batch_sizes) and min(typed.batch_sizes) >= 1,
+        f"batch_sizes must be counts >= 1, got {typed.batch_sizes}",
+        "e.g. batch_sizes=[1,8]",
+    )
     require(
         typed.max_new_tokens <= MAX_NEW_TOKENS,
         f"max_new_tokens={typed.max_new_tokens} is more than sample.py generates in one call ({MAX_NEW_TOKENS:,})",

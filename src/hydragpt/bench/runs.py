@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hydra import compose
 
-from hydragpt.bench.memory import last_error, run_measured
+from hydragpt.bench.memory import last_error, run_measured, tree_rss_high_water
 from hydragpt.config import require
 from hydragpt.errors import UserError
 from hydragpt.loggers import read_metrics
@@ -51,7 +51,7 @@ def check_run(run: str, data_dir: str, sets: dict[str, str]) -> tuple[list[str],
 def run_train(label: str, arguments: list[str], run_dir: Path) -> tuple[list[dict], float, int]:
     """One run of train.py; its metrics records, wall seconds and the peak RSS of its processes (bytes)."""
     command = [sys.executable, str(SCRIPTS / "train.py"), *arguments, f"hydra.run.dir={run_dir}"]
-    result, seconds, (_, peak_rss) = run_measured(command)
+    result, seconds, (peak_rss,) = run_measured(command, tree_rss_high_water, interval=0.5)
     if result.returncode != 0:
         raise UserError(f"run '{label}' failed: {last_error(result)}", f"see {run_dir}/train.log, or run it alone")
     return read_metrics(run_dir), seconds, peak_rss

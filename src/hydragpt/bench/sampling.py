@@ -1,8 +1,9 @@
-"""Generation benchmark: tokens/s with the KV cache against recomputing the whole context each step.
+"""Generation benchmark: tokens/s with the KV cache against recomputing the whole context each step, for
+each batch size (sequences generated together: one user, or a batch of samples).
 
-Both modes generate greedily from the same prompt, alternating (A B A B, since this kind of machine is
-noisy); the report gives each run, the medians, the speed-up, and whether the two produced the same
-tokens (they must: see `sampling.window_start`).
+Both modes generate greedily from the same prompts, alternating (A B A B, since this kind of machine is
+noisy); the report gives each run, then per batch size the medians, the speed-up, and whether the two
+produced the same tokens (they must: see `sampling.window_start`).
 """
 
 from __future__ import annotations
@@ -36,33 +37,38 @@ def bench_sample(cfg: BenchSampleConfig) -> str:
         what = f"{cfg.model.name} with random weights"
     vocab = model.config.vocab_size
     assert vocab is not None
-    prompt = torch.randint(vocab, (cfg.num_samples, cfg.prompt_tokens), device=device)
+    prompts = torch.randint(vocab, (max(cfg.batch_sizes), cfg.prompt_tokens), device=device)
     lines = [
-        f"{what}: {model.num_params() / 1e6:.2f}M parameters, block {model.config.block_size}; {cfg.num_samples} x"
-        f" {cfg.max_new_tokens} new tokens after a {cfg.prompt_tokens}-token prompt, greedy, {device}, "
-        f"{str(dtype).removeprefix('torch.')}",
+        f"{what}: {model.num_params() / 1e6:.2f}M parameters, block {model.config.block_size}; {cfg.max_new_tokens}"
+        f" new tokens per sequence after a {cfg.prompt_tokens}-token prompt, greedy, {device},"
+        f" {str(dtype).removeprefix('torch.')}",
         "",
-        "| round | mode | seconds | tokens/s |",
-        "|---|---|---|---|",
+        "| round | batch | mode | seconds | tokens/s |",
+        "|---|---|---|---|---|",
     ]
-    speeds: dict[bool, list[float]] = {True: [], False: []}
-    outputs: dict[bool, torch.Tensor] = {}
+    speeds: dict[tuple[int, bool], list[float]] = {}
+    outputs: dict[tuple[int, bool], torch.Tensor] = {}
     for round_ in range(cfg.repeats):
-        for use_cache in (True, False):
-            start = time.perf_counter()
-            with autocast(device, dtype):
-                steps = generate(model, prompt, cfg.max_new_tokens, temperature=0.0, use_cache=use_cache)
-                outputs[use_cache] = torch.cat(list(steps), dim=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # the clock stops when the GPU is done, not when it was told
-            seconds = time.perf_counter() - start
-            speeds[use_cache].append(cfg.num_samples * cfg.max_new_tokens / seconds)
-            lines.append(f"| {round_ + 1} | {MODES[use_cache]} | {seconds:.2f} | {speeds[use_cache][-1]:,.0f} |")
-    cached, recomputed = statistics.median(speeds[True]), statistics.median(speeds[False])
-    same = torch.equal(outputs[True], outputs[False])
-    lines += [
-        "",
-        f"median tokens/s: kv cache {cached:,.0f}, recompute {recomputed:,.0f}; speed-up {cached / recomputed:.1f}x;"
-        f" identical greedy tokens: {'yes' if same else 'NO'}",
-    ]
+        for batch in cfg.batch_sizes:
+            for use_cache in (True, False):
+                start = time.perf_counter()
+                with autocast(device, dtype):
+                    steps = generate(model, prompts[:batch], cfg.max_new_tokens, temperature=0.0, use_cache=use_cache)
+                    outputs[batch, use_cache] = torch.cat(list(steps), dim=1)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the clock stops when the GPU is done, not when it was told
+                seconds = time.perf_counter() - start
+                speeds.setdefault((batch, use_cache), []).append(batch * cfg.max_new_tokens / seconds)
+                lines.append(
+                    f"| {round_ + 1} | {batch} | {MODES[use_cache]} | {seconds:.2f}"
+                    f" | {speeds[batch, use_cache][-1]:,.0f} |"
+                )
+    lines += ["", "| batch | kv cache tokens/s | recompute tokens/s | speed-up | identical greedy tokens |"]
+    lines.append("|---|---|---|---|---|")
+    for batch in cfg.batch_sizes:
+        cached, recomputed = statistics.median(speeds[batch, True]), statistics.median(speeds[batch, False])
+        same = torch.equal(outputs[batch, True], outputs[batch, False])
+        lines.append(
+            f"| {batch} | {cached:,.0f} | {recomputed:,.0f} | {cached / recomputed:.1f}x | {'yes' if same else 'NO'} |"
+        )
     return "\n".join(lines)

@@ -35,6 +35,8 @@ SETS = {
     "train.eval_interval": "the benchmark evaluates after the last step",
 }
 
+LAST_STEPS = 20  # the training loss reported is the mean of these last steps'
+
 
 @dataclass
 class BenchTrainConfig:
@@ -61,7 +63,7 @@ class Measured:
     peak_tflops: float | None  # the peak the MFU assumes (null: the device is not in the table)
     peak_memory_mib: float
     val_loss: float  # after the last step
-    train_loss: float  # of the last step
+    train_loss: float  # mean over the last LAST_STEPS steps (one step's loss is noisy)
 
 
 def bench_train_config(cfg: DictConfig) -> BenchTrainConfig:
@@ -96,7 +98,7 @@ def measure(run: str, round_: int, records: list[dict], warmup: int, peak_rss: i
         peak_tflops=peak / 1e12 if peak else None,
         peak_memory_mib=max(cuda_peak) * 1024 if cuda_peak else peak_rss / 2**20,
         val_loss=[r for r in records if "val_loss" in r][-1]["val_loss"],
-        train_loss=steps[-1]["loss"],
+        train_loss=statistics.mean(r["loss"] for r in steps[-LAST_STEPS:]),
     )
 
 
@@ -127,13 +129,14 @@ def report(cfg: BenchTrainConfig, done: list[Measured], work: Path) -> str:
         f"{cfg.steps} steps per run, medians over steps {cfg.warmup} to {cfg.steps - 1}; runs and results.json"
         f" in {work}",
         "",
-        "| round | run | ms/step | tokens/s | MFU | peak memory | val loss after the last step |",
-        "|---|---|---|---|---|---|---|",
+        f"| round | run | ms/step | tokens/s | MFU | peak memory | train loss (last {LAST_STEPS} steps)"
+        " | val loss after the last step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in done:
         lines.append(
             f"| {m.round + 1} | {m.run} | {m.ms_per_step:.1f} | {m.tokens_per_sec:,.0f} | {_format_mfu(m)}"
-            f" | {m.peak_memory_mib:,.0f} MiB | {m.val_loss:.4f} |"
+            f" | {m.peak_memory_mib:,.0f} MiB | {m.train_loss:.4f} | {m.val_loss:.4f} |"
         )
     baseline = statistics.median(m.tokens_per_sec for m in done if m.run == cfg.runs[0])
     lines += ["", f"| run | median tokens/s | vs {cfg.runs[0]} |", "|---|---|---|"]

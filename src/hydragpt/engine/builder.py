@@ -20,19 +20,26 @@ import torch
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.identity import data_identity, open_dataset, other_data, require_settings
 from hydragpt.data.loader import Prefetcher, SequentialBatchLoader, build_train_loader
+from hydragpt.engine.batch_size import largest_micro_batch
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
 from hydragpt.engine.checkpointer import Checkpointer, TrainState
-from hydragpt.engine.distributed import DistEnv
+from hydragpt.engine.distributed import DistEnv, broadcast_object
 from hydragpt.engine.evaluators import Evaluator, HellaswagAccuracy, SplitLoss, TextSamples
 from hydragpt.engine.metrics import peak_flops
 from hydragpt.engine.preemption import StopSignals
-from hydragpt.engine.system import require_fits, resolve_device, resolve_dtype, seed_everything
+from hydragpt.engine.system import (
+    checkpoint_activations,
+    require_fits,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+)
 from hydragpt.engine.trainer import Loop, Trainer
 from hydragpt.errors import UserError
 from hydragpt.evaluation import load_hellaswag
 from hydragpt.loggers import MetricsLogger, build_loggers, run_info, trim_metrics
 from hydragpt.model import GPT, GPTConfig
-from hydragpt.train_config import TrainConfig, grad_accum_steps
+from hydragpt.train_config import TrainConfig, grad_accum_steps, sequences_per_rank
 
 log = logging.getLogger("hydragpt.train")
 
@@ -55,7 +62,6 @@ def build_trainer(
     env = env or DistEnv()
     t = cfg.train
     device = resolve_device(cfg.system.device, env.local_rank if env.is_distributed else None)
-    dtype = resolve_dtype(cfg.system.dtype, device)
     torch.set_float32_matmul_precision(cfg.system.matmul_precision)
     seed_everything(cfg.system.seed)
 
@@ -68,13 +74,22 @@ def build_trainer(
     model_config = model_shape(cfg, data, start_from, resume_from is not None, pinned_model_keys or {})
     block_knob = "model.block_size" if start_from is None else "train.crop_block_size"  # weights fix the shape
     data.require_block(model_config.block_size, block_knob)
+    micro_batch_rows = model_config.block_size * (t.batch_size if t.batch_size != "auto" else 1)
+    # rank 0's choice: a CPU's measured one could differ between ranks near the threshold
+    dtype = broadcast_object(resolve_dtype(cfg.system.dtype, device, matmul=(micro_batch_rows, model_config.n_embd)))
     require_fits(model_config, device)  # its full weights are built on every rank, FSDP shards them after
     model = GPT(model_config) if start_from is None else model_from_checkpoint(start_from, model_config)
     model.to(device)
+    if cfg.system.activation_checkpointing:
+        checkpoint_activations(model)
     cfg.ddp.shard(model, dtype)  # before the optimizer is built: it keeps each rank's shards only
     if env.rank:  # the same initial weights everywhere, different dropout masks per rank
         torch.manual_seed(cfg.system.seed + env.rank)
 
+    if t.batch_size == "auto":  # a resumed run's config holds the size its first start found
+        sequences = sequences_per_rank(t, model_config.block_size, env.world_size)
+        t.batch_size = largest_micro_batch(model, sequences, model_config.block_size, device, dtype)
+        log.info("batch_size=auto: %d sequences per micro-batch of the %d per rank and step", t.batch_size, sequences)
     grad_accum = grad_accum_steps(t, model_config.block_size, env.world_size)
     tokens_per_step = t.batch_size * model_config.block_size * grad_accum * env.world_size
     loader = build_train_loader(
@@ -105,7 +120,11 @@ def build_trainer(
         metadata={
             "model_config": asdict(model_config),
             "tokenizer": data.meta.tokenizer,
-            "config": {**run_config, "model": asdict(model_config)},  # the shape actually built
+            "config": {  # the shape actually built, and the micro-batch that batch_size=auto found
+                **run_config,
+                "model": asdict(model_config),
+                "train": {**run_config["train"], "batch_size": t.batch_size},
+            },
             "config_choices": config_choices,
             "data": data_identity(cfg.data.name, data.meta),
         },

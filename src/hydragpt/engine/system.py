@@ -5,10 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from hydragpt.errors import UserError
 from hydragpt.model import GPT, GPTConfig
@@ -79,14 +84,44 @@ def require_fits(config: GPTConfig, device: torch.device, bytes_per_param: int =
         )
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs that support it (float16 on older ones), float32 elsewhere."""
+def resolve_dtype(name: str, device: torch.device, matmul: tuple[int, int] | None = None) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that support it (float16 on older ones); on a CPU, bfloat16 where the
+    training's matmuls, `matmul` = (rows, width), measure faster in it (see bf16_pays_on_cpu); else float32."""
     if name == "auto":
         if device.type == "cuda":
             native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
             return torch.bfloat16 if native_bf16 else torch.float16  # pre-Ampere GPUs only emulate bf16
+        if device.type == "cpu" and matmul is not None and bf16_pays_on_cpu(*matmul):
+            return torch.bfloat16
         return torch.float32
     return DTYPES[name]
+
+
+# bfloat16 autocast must make the MLP's matmul this much faster to pay for its casts and float32 elementwise
+BF16_MIN_SPEEDUP = 1.3
+
+
+def _seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls, after one untimed."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bf16_pays_on_cpu(rows: int, width: int, seconds: Callable[[Callable[[], object]], float] = _seconds) -> bool:
+    """Whether this CPU runs a (rows x width) @ (width x 4 width) matmul, an MLP's, at least BF16_MIN_SPEEDUP
+    times faster in bfloat16 (casts included) than in float32: CPUs with AMX or AVX-512 BF16 do at large
+    sizes, others (AVX-512 alone) run bfloat16 several times slower. Measured, so the threshold is this
+    machine's; it takes a few milliseconds. `seconds(run)` times a call (tests replace it)."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(rows, width, generator=generator), torch.randn(4 * width, width, generator=generator)
+    float32 = seconds(lambda: F.linear(x, weight))
+    bfloat16 = seconds(lambda: F.linear(x.bfloat16(), weight.bfloat16()))
+    return float32 >= BF16_MIN_SPEEDUP * bfloat16
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[object]:
@@ -94,6 +129,20 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def checkpoint_activations(model: GPT) -> None:
+    """Keep only each block's input for the backward pass and recompute the rest there
+    (`system.activation_checkpointing`): about a third more compute for a fraction of the activation
+    memory, so a larger micro-batch or model fits. The blocks keep their names, so checkpoints do not
+    change; under FSDP the recompute runs while the block's weights are gathered for its backward."""
+    for block in model.transformer.h:
+        forward = block.forward
+
+        def recomputed(*args: Any, _forward: Any = forward) -> torch.Tensor:
+            return checkpoint(_forward, *args, use_reentrant=False)
+
+        block.forward = recomputed  # type: ignore[method-assign]
 
 
 def seed_everything(seed: int) -> None:
