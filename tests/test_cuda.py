@@ -1,5 +1,6 @@
 """The GPU paths, on a machine that has one (marked `cuda`, skipped elsewhere): bfloat16 autocast, compile,
-fused AdamW's on-device skip of a nan/inf step, and NCCL across two GPUs."""
+fused AdamW's on-device skip of a nan/inf step, batch_size=auto against CUDA's out-of-memory error,
+activation checkpointing compiled, and NCCL across two GPUs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hydragpt.engine.batch_size import largest_micro_batch
 from hydragpt.engine.optim import AdamW, Muon, step_if_finite
 from hydragpt.model import GPT, GPTConfig
 from tests.helpers import run_script, torchrun
@@ -84,3 +86,27 @@ def test_two_gpus_over_nccl(data_dir: Path, tmp_path: Path, ddp: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert len(train_losses(run)) == 10
+
+
+def test_batch_size_auto_stops_where_the_gpu_runs_out_of_memory() -> None:
+    """A small model with a vocabulary so large that 2**20 sequences cannot fit any GPU: the search catches
+    CUDA's OutOfMemoryError, chooses a size below the largest, and that size trains."""
+    device = torch.device("cuda")
+    model = GPT(GPTConfig(name="t", n_layer=1, n_head=1, n_embd=32, block_size=64, vocab_size=65536)).to(device)
+    chosen = largest_micro_batch(model, 2**20, 64, device, torch.bfloat16)
+    assert 1 <= chosen < 2**20
+    tokens = torch.randint(65536, (chosen, 65), device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_activation_checkpointing_trains_compiled_on_the_gpu(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ("experiment=debug", "system=cuda", f"paths.data_dir={data_dir}", "train.max_iters=20")
+    result = run_script("train", *common, "system.activation_checkpointing=true", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr
+    plain = tmp_path / "plain"
+    assert run_script("train", *common, f"hydra.run.dir={plain}").returncode == 0
+    assert train_losses(run) == pytest.approx(train_losses(plain), rel=2e-2)  # the same training, recomputed
