@@ -13,7 +13,12 @@ import pytest
 import torch
 import yaml
 
-from hydragpt.engine.batch_size import is_out_of_memory, largest_micro_batch, micro_batch_candidates
+from hydragpt.engine.batch_size import (
+    cpu_memory_limit,
+    is_out_of_memory,
+    largest_micro_batch,
+    micro_batch_candidates,
+)
 from hydragpt.engine.optim import AdamW
 from hydragpt.engine.system import bf16_pays_on_cpu, checkpoint_activations, resolve_dtype
 from hydragpt.errors import UserError
@@ -197,3 +202,13 @@ def test_adamw_takes_its_fused_kernel_on_cpus_unless_told_otherwise() -> None:
     model = GPT(SMALL)
     assert AdamW().build(model, torch.device("cpu"))[0].defaults["fused"] is True
     assert AdamW(fused=False).build(model, torch.device("cpu"))[0].defaults["fused"] is False
+
+
+def test_ranks_on_one_machine_share_its_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        pytest.skip("an address-space limit is already set: the search uses it as it is")
+    alone = cpu_memory_limit()
+    assert alone is not None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    shared = cpu_memory_limit()
+    assert shared is not None and shared < alone  # in use now, plus a quarter of what is available

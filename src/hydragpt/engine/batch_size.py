@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,8 +87,9 @@ def _address_space_in_use() -> int | None:
 
 def cpu_memory_limit() -> int | None:
     """The address-space limit under which a CPU allocation past the memory available fails: the one
-    already set, or what is in use plus what the machine (or its cgroup) has available; None where
-    neither can be read (not Linux)."""
+    already set, or what is in use plus this process's share of what the machine (or its cgroup) has
+    available, shared with the other ranks on the machine (torchrun's LOCAL_WORLD_SIZE), which search at
+    the same time; None where neither can be read (not Linux)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         return soft
@@ -95,7 +97,7 @@ def cpu_memory_limit() -> int | None:
     available = [a for a in (_meminfo_bytes("MemAvailable"), _cgroup_available()) if a is not None]
     if in_use is None or not available:
         return None
-    return in_use + min(available)
+    return in_use + min(available) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 @contextlib.contextmanager
