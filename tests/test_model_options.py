@@ -123,7 +123,7 @@ def test_logit_softcap_bounds_the_logits() -> None:
 def test_rotary_scores_depend_on_distance_only() -> None:
     """A query at position p and a key at position p - 2 score the same wherever p is."""
     config = GPTConfig(**SMALL, positions="rope")
-    cos, sin = rotary_table(config, 0, 32)
+    cos, sin = rotary_table(config, torch.arange(32))
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(p_q: int, p_k: int) -> float:

@@ -197,3 +197,23 @@ def test_newline_stop_and_streaming_never_shows_a_stop(trained_run: Path) -> Non
     )
     expected = completion[: min(completion.find(s) for s in stop if s in completion)]
     assert "".join(pieces) == answer == expected
+
+
+@pytest.mark.parametrize("positions", ["rope", pytest.param("learned", marks=pytest.mark.slow)])
+def test_a_compiled_decode_step_gives_the_eager_tokens_and_compiles_once(positions: str) -> None:
+    """Past the block (rotary: the sliding ring; learned: the window's jumps and new prefills), greedy tokens
+    equal the eager cache's, and a second generation reuses the compiled step."""
+    from torch._dynamo.utils import counters
+
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0, positions=positions)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    prompts = torch.randint(65, (3, 5))
+    eager = torch.cat(list(generate(model, prompts, 40, temperature=0.0)), dim=1)
+    before = counters["stats"]["unique_graphs"]
+    compiled = torch.cat(list(generate(model, prompts, 40, temperature=0.0, compile=True)), dim=1)
+    assert torch.equal(compiled, eager)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before <= 2  # one step's graph (two where it breaks), not one per length
+    again = torch.cat(list(generate(model, prompts, 40, temperature=0.0, compile=True)), dim=1)
+    assert torch.equal(again, eager) and counters["stats"]["unique_graphs"] == graphs  # no recompilation

@@ -159,6 +159,7 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda, mps, else cpu), cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16
     use_cache: bool = True  # KV cache: each new token costs one position, not the whole context (false: recompute)
+    compile: bool = False  # torch.compile the cached one-token step (static shapes): faster after a one-off compile
     stop: list[str] = field(default_factory=list)  # end a sample at the first of these strings, e.g. stop=['\n\n']
     out: Optional[str] = None  # also write the samples to this file
     format: str = "text"  # text: samples separated by a line of dashes; jsonl: one JSON object per sample

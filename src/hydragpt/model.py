@@ -109,6 +109,10 @@ class KVCache:
     goes on past `block_size`, one token at a time: each new position takes the slot of the oldest one.
     Attention over a set of keys does not depend on their order, and each rotated key carries its own
     position, so the window slides with no prefill again.
+
+    A decode step can also run in shapes that never change, which torch.compile compiles once: with
+    `position` set (a 0-dim tensor, the new token's position), the new keys go to slot position % block_size
+    and attention reads every slot, masked to those filled (`write_at`); the caller then advances `length`.
     """
 
     def __init__(self, n_layer: int, block_size: int) -> None:
@@ -116,6 +120,18 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
+        self.position: torch.Tensor | None = None  # set for a static-shape decode step
+
+    def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store one new position's k, v (B, nh, 1, hs) at its slot of the (already filled) buffers; returns
+        the whole buffers and the mask (1, 1, 1, block_size) of the slots that hold a position."""
+        keys, values, position = self.keys[layer], self.values[layer], self.position
+        assert keys is not None and values is not None and position is not None, "prefill before a static step"
+        slot = (position % self.block_size).view(1)
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        filled = torch.arange(self.block_size, device=k.device) <= position
+        return keys, values, filled.view(1, 1, 1, -1)
 
     def reset(self) -> None:
         self.length = 0
@@ -147,13 +163,14 @@ def norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, elementwise_affine=config.norm_weight, bias=config.bias and config.norm_weight)
 
 
-def rotary_table(config: GPTConfig, start: int, end: int) -> Rotation:
-    """cos and sin (positions, head_size / 2) of the rotation angles of positions start..end-1, one
-    frequency per pair. The angles are taken in float64, so that positions far past the block (a sliding
-    KV cache) rotate as exactly as the first ones."""
+def rotary_table(config: GPTConfig, positions: torch.Tensor) -> Rotation:
+    """cos and sin (positions, head_size / 2) of the rotation angles of `positions` (1-D, on their device),
+    one frequency per pair. The angles are taken in float64, so that positions far past the block (a
+    sliding KV cache) rotate as exactly as the first ones."""
     head_size = config.n_embd // config.n_head
-    frequencies = config.rope_base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(start, end, dtype=torch.float64), frequencies.double())
+    steps = torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device)
+    frequencies = config.rope_base ** -(steps / head_size)
+    angles = torch.outer(positions.double(), frequencies.double())
     return angles.cos().float(), angles.sin().float()
 
 
@@ -208,13 +225,16 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        if cache is None or cache.length == 0:
+        if cache is not None and cache.position is not None:  # a static-shape decode step (see KVCache)
+            k, v, mask = cache.write_at(layer, k, v)
+            causal = False
+        elif cache is None or cache.length == 0:
             mask, causal = None, True  # the usual triangle
         elif T == 1:  # one new position: it sees every cached one
             mask, causal = None, False
         else:  # new positions after `cache.length` cached ones: each sees those and the new ones up to itself
             mask, causal = torch.ones(T, cache.length + T, dtype=torch.bool, device=x.device).tril(cache.length), False
-        if cache is not None:
+        if cache is not None and cache.position is None:
             k, v = cache.update(layer, k, v)
         if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -287,7 +307,7 @@ class GPT(nn.Module):
         if config.positions == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         else:  # the rotations of every position, computed once (not saved: they follow from the config)
-            cos, sin = rotary_table(config, 0, config.block_size)
+            cos, sin = rotary_table(config, torch.arange(config.block_size))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -350,26 +370,31 @@ class GPT(nn.Module):
 
         With a `cache`, `idx` continues the positions already in it, and its keys and values are added.
         Rotary models go past `block_size`, each position attending to the block_size positions up to
-        itself: a longer `idx`, or a cache fed one token at a time.
+        itself: a longer `idx`, or a cache fed one token at a time. With the cache's `position` set, `idx`
+        is one token per sequence at that position, in shapes that do not change (see KVCache).
         """
         _, t = idx.size()
-        start = cache.length if cache is not None else 0
+        static = cache is not None and cache.position is not None
+        start = cache.length if cache is not None and not static else 0
         slides = self.config.positions == "rope" and (cache is None or t == 1)
         if start + t > self.config.block_size and not slides:
             raise ValueError(f"sequence of length {start + t} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
         rope = None
+        positions = cache.position.view(1) if static else torch.arange(start, start + t, device=idx.device)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(start, start + t, dtype=torch.long, device=idx.device))
-        elif start + t <= self.config.block_size:
-            rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])
-        else:  # past the table: a long sequence, or a sliding cache's position
-            cos, sin = rotary_table(self.config, start, start + t)
+            x = x + self.transformer.wpe(positions)
+        elif static:
+            rope = rotary_table(self.config, positions)
+        elif start + t > self.config.block_size:  # past the table: on the host, for MPS lacks float64
+            cos, sin = rotary_table(self.config, torch.arange(start, start + t))
             rope = (cos.to(idx.device), sin.to(idx.device))
+        else:
+            rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, cache, layer)
-        if cache is not None:
+        if cache is not None and not static:  # a static step's caller advances the cache
             cache.length += t
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if self.config.logit_softcap is not None:

@@ -87,12 +87,15 @@ def generate(
     generator: torch.Generator | None = None,
     vocab_limit: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B, 1) one step at a time, continuing the prompts `idx` (B, T).
 
     With `use_cache` the context window is run through the model once (prefill), then only each new
     token (its keys and values join the cache); without, the whole window is recomputed every step.
-    `vocab_limit` keeps padded vocabulary rows (never seen in training) from being sampled.
+    `compile` runs those one-token steps through torch.compile, in shapes that do not change from step to
+    step (see model.KVCache), so it compiles once per batch size. `vocab_limit` keeps padded vocabulary
+    rows (never seen in training) from being sampled.
     """
     block_size, slides = model.config.block_size, model.config.positions == "rope"
     sliding_layers = model.config.n_layer if slides else 0
@@ -100,11 +103,17 @@ def generate(
     dropped = 0  # tokens before idx[:, 0], no longer in any window: memory and time stay flat however long
     cache = KVCache(model.config.n_layer, block_size) if use_cache else None
     cached_from = -1  # where the cached window starts (none yet)
+    step = torch.compile(model, dynamic=False) if compile and cache is not None else None  # one graph per batch size
+    token = idx[:, -1:]  # the newest token; steps after the first feed it to the cache
     for _ in range(max_new_tokens):
         start = window_start(dropped + idx.size(1), block_size, origin, sliding_layers)
         idx, dropped = idx[:, start - dropped :], start
         if cache is None:
             logits, _ = model(idx)
+        elif cache.length and step is not None and (slides or start == cached_from):
+            cache.position = torch.tensor(cache.length, device=idx.device)
+            logits, _ = step(token, cache=cache)  # the last token, which idx[:, -1:] views with strides that grow
+            cache.position, cache.length = None, cache.length + 1
         elif cache.length and (slides or start == cached_from):
             logits, _ = model(idx[:, -1:], cache=cache)
         else:  # the first window, or (learned positions) a new one: prefill it
@@ -170,6 +179,7 @@ class Settings:
     top_p: float | None
     stop: list[str]
     use_cache: bool
+    compile: bool = False
 
 
 def _held_back(text: str, stop: list[str]) -> int:
@@ -223,6 +233,7 @@ def complete(
             generator,
             tokenizer.vocab_size,
             settings.use_cache,
+            settings.compile,
         )
         for token in steps:
             progress.update()
@@ -262,7 +273,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     model, tokenizer = load_model(source, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stop = [unescape(s) for s in cfg.stop]  # stop=['\\n\\n'] means a blank line
-    settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.use_cache)
+    settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.use_cache, cfg.compile)
     if cfg.chat:
         chat(model, tokenizer, settings, generator, dtype)
         return []

@@ -209,6 +209,7 @@ class BenchSampleConfig:
     max_new_tokens: int = 500  # tokens generated per sample and mode
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])  # sequences generated together, each measured
     repeats: int = 2  # rounds, each running every batch size in both modes
+    compile: bool = False  # the cache mode's one-token step through torch.compile (compiled before timing)
     device: str = "cpu"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32, bfloat16, float16 (auto: bfloat16 on GPUs)
     seed: int = 1337  # random weights and prompt

@@ -41,11 +41,15 @@ def bench_sample(cfg: BenchSampleConfig) -> str:
     lines = [
         f"{what}: {model.num_params() / 1e6:.2f}M parameters, block {model.config.block_size}; {cfg.max_new_tokens}"
         f" new tokens per sequence after a {cfg.prompt_tokens}-token prompt, greedy, {device},"
-        f" {str(dtype).removeprefix('torch.')}",
+        f" {str(dtype).removeprefix('torch.')}{'; the cached step compiled' if cfg.compile else ''}",
         "",
         "| round | batch | mode | seconds | tokens/s |",
         "|---|---|---|---|---|",
     ]
+    if cfg.compile:  # compiling is not generating: once per batch size, before the clock runs
+        for batch in cfg.batch_sizes:
+            with autocast(device, dtype):
+                list(generate(model, prompts[:batch], 2, temperature=0.0, compile=True))
     speeds: dict[tuple[int, bool], list[float]] = {}
     outputs: dict[tuple[int, bool], torch.Tensor] = {}
     for round_ in range(cfg.repeats):
@@ -53,7 +57,14 @@ def bench_sample(cfg: BenchSampleConfig) -> str:
             for use_cache in (True, False):
                 start = time.perf_counter()
                 with autocast(device, dtype):
-                    steps = generate(model, prompts[:batch], cfg.max_new_tokens, temperature=0.0, use_cache=use_cache)
+                    steps = generate(
+                        model,
+                        prompts[:batch],
+                        cfg.max_new_tokens,
+                        temperature=0.0,
+                        use_cache=use_cache,
+                        compile=cfg.compile and use_cache,
+                    )
                     outputs[batch, use_cache] = torch.cat(list(steps), dim=1)
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # the clock stops when the GPU is done, not when it was told
