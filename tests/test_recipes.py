@@ -125,6 +125,10 @@ def test_the_benchmark_refuses_runs_that_would_evaluate_other_windows(data_dir: 
     )
     assert_user_error(result, "eval_windows=6 is not a multiple of run 'experiment=debug''s train.batch_size=4")
     assert not (tmp_path / "bench_time_to_loss").exists()
+    auto = "experiment=debug train.batch_size=auto train.total_batch_size=1024"
+    result = run_script("bench_time_to_loss", f'runs=["{auto}"]', f"paths.output_dir={tmp_path}")
+    assert_user_error(result, f"run '{auto}' sets train.batch_size=auto", "as a number")
+    assert not (tmp_path / "bench_time_to_loss").exists()
 
 
 def test_speedrun_cpu_is_tiny_cpus_run_with_todays_recipe() -> None:

@@ -87,6 +87,11 @@ def train_arguments(run: str, cfg: BenchTimeToLossConfig) -> list[str]:
     overrides, composed = check_run(run, cfg.paths.data_dir, SETS)
     batch = composed.train.batch_size
     require(
+        batch != "auto",
+        f"run '{run}' sets train.batch_size=auto, so which windows it evaluates is known only once it runs",
+        "give each run's train.batch_size as a number",
+    )
+    require(
         cfg.eval_windows % batch == 0,
         f"eval_windows={cfg.eval_windows} is not a multiple of run '{run}''s train.batch_size={batch}",
         "every run must evaluate the same windows: choose a multiple of each run's batch size, e.g. 240",
