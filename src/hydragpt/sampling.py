@@ -110,16 +110,17 @@ def generate(
         idx, dropped = idx[:, start - dropped :], start
         if cache is None:
             logits, _ = model(idx)
-        elif cache.length and step is not None and (slides or start == cached_from):
-            cache.position = torch.tensor(cache.length, device=idx.device)
-            logits, _ = step(token, cache=cache)  # the last token, which idx[:, -1:] views with strides that grow
-            cache.position, cache.length = None, cache.length + 1
-        elif cache.length and (slides or start == cached_from):
-            logits, _ = model(idx[:, -1:], cache=cache)
-        else:  # the first window, or (learned positions) a new one: prefill it
+        elif not cache.length or not (slides or start == cached_from):
+            # the first window, or (learned positions) a new one: prefill it
             cache.reset()
             cached_from = start
             logits, _ = model(idx, cache=cache)
+        elif step is None:
+            logits, _ = model(token, cache=cache)
+        else:  # compiled, at a position tensor; fed `token` itself, since idx[:, -1:] has strides that grow
+            cache.position = torch.tensor(cache.length, device=idx.device)
+            logits, _ = step(token, cache=cache)
+            cache.position, cache.length = None, cache.length + 1
         logits = logits[:, -1, :].float()
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
