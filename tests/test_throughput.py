@@ -23,6 +23,7 @@ from hydragpt.engine.optim import AdamW
 from hydragpt.engine.system import bf16_pays_on_cpu, checkpoint_activations, resolve_dtype
 from hydragpt.errors import UserError
 from hydragpt.model import GPT, GPTConfig
+from hydragpt.procfs import proc_kib_field
 from tests.helpers import run_script
 
 # Address space granted above the forked training process's start: ~8 of the 64 sequences fit in it (each
@@ -79,11 +80,8 @@ def test_the_cpu_allocators_refusal_counts_as_out_of_memory() -> None:
 @contextlib.contextmanager
 def _address_space_budget(extra: int) -> Iterator[None]:
     """An address-space limit `extra` bytes above what this process maps now (inherited by its forks)."""
-    in_use = next(
-        int(line.split()[1]) * 1024
-        for line in Path("/proc/self/status").read_text().splitlines()
-        if line.startswith("VmSize:")
-    )
+    in_use = proc_kib_field(Path("/proc/self/status"), "VmSize")
+    assert in_use is not None
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (in_use + extra, hard))
     try:

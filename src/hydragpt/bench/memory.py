@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydragpt.errors import user_environment
+from hydragpt.procfs import proc_kib_field
 
 
 def _children(pid: int) -> list[int]:
@@ -60,11 +61,7 @@ def tree_rss_high_water(pid: int) -> tuple[int]:
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text().splitlines()
-        except OSError:  # the process ended meanwhile
-            continue
-        total += next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
+        total += proc_kib_field(Path(f"/proc/{current}/status"), "VmHWM") or 0  # 0: it ended meanwhile
         stack += _children(current)
     return (total,)
 

@@ -28,6 +28,7 @@ from hydragpt.engine.distributed import all_reduce
 from hydragpt.engine.system import autocast
 from hydragpt.errors import UserError
 from hydragpt.model import GPT
+from hydragpt.procfs import proc_kib_field
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
-def _meminfo_bytes(key: str, meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    for line in meminfo.read_text().splitlines() if meminfo.is_file() else []:
-        name, _, value = line.partition(":")
-        if name == key:
-            return int(value.split()[0]) * 1024
-    return None
-
-
 def _cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """What this process's memory cgroup (v2, or v1) still allows, or None when it sets no limit."""
     membership = Path("/proc/self/cgroup")
@@ -77,14 +70,6 @@ def _cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
-def _address_space_in_use() -> int | None:
-    status = Path("/proc/self/status")
-    for line in status.read_text().splitlines() if status.is_file() else []:
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
 def cpu_memory_limit() -> int | None:
     """The address-space limit under which a CPU allocation past the memory available fails: the one
     already set, or what is in use plus this process's share of what the machine (or its cgroup) has
@@ -93,8 +78,9 @@ def cpu_memory_limit() -> int | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         return soft
-    in_use = _address_space_in_use()
-    available = [a for a in (_meminfo_bytes("MemAvailable"), _cgroup_available()) if a is not None]
+    in_use = proc_kib_field(Path("/proc/self/status"), "VmSize")
+    machine = proc_kib_field(Path("/proc/meminfo"), "MemAvailable")
+    available = [a for a in (machine, _cgroup_available()) if a is not None]
     if in_use is None or not available:
         return None
     return in_use + min(available) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
