@@ -215,18 +215,24 @@ class BenchSampleConfig:
     seed: int = 1337  # random weights and prompt
 
 
+def _steps_of(total: int, factors: dict[str, int]) -> int:
+    """How many times the product of `factors` (knob name -> value) goes into `train.total_batch_size`,
+    refused when not a whole number."""
+    per_step = math.prod(factors.values())
+    if total % per_step != 0:
+        nearest = per_step * math.ceil(total / per_step)
+        raise UserError(
+            f"train.total_batch_size={total} is not divisible by {' x '.join(factors)} ="
+            f" {' x '.join(str(v) for v in factors.values())} = {per_step}",
+            f"use a multiple of {per_step}, e.g. {nearest}",
+        )
+    return total // per_step
+
+
 def sequences_per_rank(t: TrainLoopConfig, block_size: int, world_size: int) -> int:
     """The sequences each rank contributes to an optimizer step of `train.total_batch_size` tokens."""
     assert t.total_batch_size is not None
-    per_sequence = block_size * world_size
-    if t.total_batch_size % per_sequence != 0:
-        nearest = per_sequence * math.ceil(t.total_batch_size / per_sequence)
-        raise UserError(
-            f"train.total_batch_size={t.total_batch_size} is not divisible by block_size x world_size ="
-            f" {block_size} x {world_size} = {per_sequence}",
-            f"use a multiple of {per_sequence}, e.g. {nearest}",
-        )
-    return t.total_batch_size // per_sequence
+    return _steps_of(t.total_batch_size, {"block_size": block_size, "world_size": world_size})
 
 
 def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -> int:
@@ -234,15 +240,8 @@ def grad_accum_steps(t: TrainLoopConfig, block_size: int, world_size: int = 1) -
     if t.total_batch_size is None:
         assert t.grad_accum_steps is not None
         return t.grad_accum_steps
-    per_micro_step = t.batch_size * block_size * world_size
-    if t.total_batch_size % per_micro_step != 0:
-        nearest = per_micro_step * math.ceil(t.total_batch_size / per_micro_step)
-        raise UserError(
-            f"train.total_batch_size={t.total_batch_size} is not divisible by batch_size x block_size x "
-            f"world_size = {t.batch_size} x {block_size} x {world_size} = {per_micro_step}",
-            f"use a multiple of {per_micro_step}, e.g. {nearest}",
-        )
-    return t.total_batch_size // per_micro_step
+    factors = {"batch_size": t.batch_size, "block_size": block_size, "world_size": world_size}
+    return _steps_of(t.total_batch_size, factors)
 
 
 def _locate(target: str) -> Any:
