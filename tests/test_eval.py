@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hydragpt.engine.checkpoint import load_checkpoint
+from hydragpt.loggers import read_metrics
 from hydragpt.sampling import load_model
 from tests.helpers import open_prepared, run_script, torchrun
 
@@ -58,10 +59,21 @@ def test_val_loss_over_the_whole_split(trained_run: Path, data_dir: Path, tmp_pa
     assert got["n_tokens"] == len(tokens) - 1
     assert got["loss"] == pytest.approx(total / (len(tokens) - 1), rel=1e-6)
     assert got["ppl"] == pytest.approx(math.exp(got["loss"]))
+    # ASCII text, a token per character: a byte per token, so bits per byte is the loss in bits
+    assert got["n_bytes"] == got["n_tokens"] and got["bpb"] == pytest.approx(got["loss"] / math.log(2), rel=1e-9)
 
     ranks = torchrun(2, *common[1:], cwd=tmp_path, script="eval")
     assert ranks.returncode == 0, ranks.stderr[-2000:]
     assert last_json(ranks.stdout)["loss"] == pytest.approx(got["loss"], rel=1e-6)  # other batches, same sums
+
+
+def test_training_records_bits_per_byte(trained_run: Path) -> None:
+    """A char model on ASCII text: each evaluation's bits per byte is its loss over ln 2."""
+    evals = [r for r in read_metrics(trained_run) if "val_loss" in r]
+    assert evals
+    for record in evals:
+        for split in ("train", "val"):
+            assert record[f"{split}_bpb"] == pytest.approx(record[f"{split}_loss"] / math.log(2), rel=1e-6)
 
 
 def test_hellaswag_matches_a_reference_computed_by_hand(trained_run: Path, hellaswag_file: Path) -> None:

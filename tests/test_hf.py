@@ -3,16 +3,20 @@ with logits equal to transformers' on both sides."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hydragpt.errors import UserError
 from hydragpt.hf import GPT2_VOCAB, export, load_pretrained
 from hydragpt.model import GPT, GPTConfig
-from tests.helpers import prepare_dataset, run_script
+from tests.helpers import open_prepared, prepare_dataset, run_script
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,6 +78,37 @@ def test_sample_and_eval_from_a_pretrained_directory(tmp_path: Path, gpt2_bpe: N
     assert missing.returncode == 2 and "is not a Hugging Face model directory" in missing.stderr
     no_data = run_script("eval", f"init_from=hf:{tmp_path / 'hf'}", "task=val_loss")
     assert no_data.returncode == 2 and "a pretrained model has no dataset of its own" in no_data.stderr
+
+
+def test_bits_per_byte_of_a_gpt2_model_from_token_and_byte_counts(
+    tmp_path: Path, gpt2_bpe: None, corpus_file: Path
+) -> None:
+    """eval.py's bpb against one computed here: transformers' summed loss over the predicted tokens, over
+    the bytes tiktoken decodes them to."""
+    import tiktoken
+
+    reference = hf_gpt2(tmp_path / "hf")
+    prepare_dataset(tmp_path / "data", "shakespeare_gpt2", corpus_file)
+    result = run_script(
+        "eval",
+        f"init_from=hf:{tmp_path / 'hf'}",
+        "dataset=shakespeare_gpt2",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "limit=3",
+    )
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    val = open_prepared(tmp_path / "data" / "shakespeare_gpt2").splits["val"]
+    tokens = torch.from_numpy(np.asarray(val.read(0, 3 * 64 + 1)).astype(np.int64))
+    with torch.no_grad():
+        nats = sum(
+            F.cross_entropy(reference(tokens[None, s : s + 64]).logits[0], tokens[s + 1 : s + 65], reduction="sum")
+            for s in range(0, 3 * 64, 64)
+        ).item()
+    n_bytes = len(tiktoken.get_encoding("gpt2").decode_bytes(tokens[1:].tolist()))
+    assert got["n_tokens"] == 3 * 64 and got["n_bytes"] == n_bytes and n_bytes > 3 * 64
+    assert got["bpb"] == pytest.approx(nats / n_bytes / math.log(2), rel=1e-5)
+    assert got["loss"] == pytest.approx(nats / (3 * 64), rel=1e-5)
 
 
 def test_gpt2_options_this_model_lacks_are_refused(tmp_path: Path) -> None:

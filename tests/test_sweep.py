@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def test_four_job_sweep_with_a_failing_job(data_dir: Path, tmp_path: Path) -> No
         assert (
             0 < float(row["best_val_loss"]) <= float(row["final_val_loss"]) < 4.5 and float(row["tokens_per_sec"]) > 0
         )
+        assert float(row["final_val_bpb"]) == pytest.approx(float(row["final_val_loss"]) / math.log(2), rel=1e-6)
         assert (sweep / row["job"] / "checkpoints" / "last.pt").is_file()
     markdown = (sweep / "summary.md").read_text().splitlines()
     assert len(markdown) == 2 + 4 and "| 2 | optim.lr=-1 | failed |" in markdown[4]

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from hydragpt.data.identity import command_for, open_dataset, other_data
 from hydragpt.data.loader import to_device_batch
 from hydragpt.data.tokenizer import CHAR, Tokenizer
 from hydragpt.engine import distributed
+from hydragpt.engine.metrics import bits_per_byte
 from hydragpt.engine.parallel import DataParallel
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
@@ -49,7 +51,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         log.info("evaluating %s on %s: %s", name, device, cfg.task)
         with torch.no_grad(), autocast(device, dtype):
             if cfg.task == "val_loss":
-                result = split_loss(model, dataset_to_score(cfg, ckpt).splits[cfg.split], cfg, env)
+                token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(device)
+                result = split_loss(model, dataset_to_score(cfg, ckpt).splits[cfg.split], token_bytes, cfg, env)
             else:
                 result = hellaswag(model, tokenizer, cfg, env)
         if env.is_main:
@@ -96,9 +99,12 @@ def _command_for_named(cfg: EvalConfig, ckpt: dict[str, Any], own: dict[str, Any
     )
 
 
-def split_loss(model: GPT, tokens: SplitTokens, cfg: EvalConfig, env: distributed.DistEnv) -> dict[str, Any]:
+def split_loss(
+    model: GPT, tokens: SplitTokens, token_bytes: torch.Tensor, cfg: EvalConfig, env: distributed.DistEnv
+) -> dict[str, Any]:
     """Mean next-token loss over every token of the split: consecutive block_size windows, each token
-    predicted once (the first token of the split has no context and is not scored)."""
+    predicted once (the first token of the split has no context and is not scored); and that loss in bits
+    per byte of the predicted tokens' text (`token_bytes`: UTF-8 bytes per token id)."""
     block = model.config.block_size
     device = next(model.parameters()).device
     starts = np.arange(0, len(tokens) - 1, block, dtype=np.int64)
@@ -107,36 +113,44 @@ def split_loss(model: GPT, tokens: SplitTokens, cfg: EvalConfig, env: distribute
     mine = starts[env.rank :: env.world_size]
     total = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     count = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+    n_bytes = torch.zeros((), dtype=torch.long, device=device)
     batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     for batch_starts in tqdm(batches, desc=f"{cfg.split} loss", unit="batch", disable=not env.is_main):
-        for start in batch_starts[batch_starts + block + 1 > len(tokens)]:  # the short last window alone
-            window = tokens.read(int(start), len(tokens) - int(start))
-            total_add, count_add = _window_loss(model, window, device)
-            total += total_add.to(total.dtype)
-            count += count_add
-        full = batch_starts[batch_starts + block + 1 <= len(tokens)]
-        if len(full):
-            x, y = to_device_batch(tokens.windows(full, block + 1), device)
+        for x, y in _windows(tokens, batch_starts, block, device):
             logits, _ = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").to(total.dtype)
             count += y.numel()
-    distributed.all_reduce(total, "sum")
-    distributed.all_reduce(count, "sum")
+            n_bytes += token_bytes[y].sum()
+    for tensor in (total, count, n_bytes):
+        distributed.all_reduce(tensor, "sum")
     if count.item() == 0:
         raise UserError(f"the {cfg.split} split has no token to predict", "prepare the dataset with more text")
     loss = (total / count).item()
-    return {"task": "val_loss", "split": cfg.split, "n_tokens": int(count.item()), "loss": loss, "ppl": math.exp(loss)}
+    return {
+        "task": "val_loss",
+        "split": cfg.split,
+        "n_tokens": int(count.item()),
+        "n_bytes": int(n_bytes.item()),
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "bpb": bits_per_byte(total.item(), int(n_bytes.item())),
+    }
+
+
+def _windows(
+    tokens: SplitTokens, starts: np.ndarray, block: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) for the windows at `starts`: the full ones as one batch, a short last one alone."""
+    for start in starts[starts + block + 1 > len(tokens)]:
+        yield to_device_batch(tokens.read(int(start), len(tokens) - int(start))[None, :].astype(np.int64), device)
+    full = starts[starts + block + 1 <= len(tokens)]
+    if len(full):
+        yield to_device_batch(tokens.windows(full, block + 1), device)
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """Float64 for sums over millions of tokens, except on Apple's MPS, which has none."""
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _window_loss(model: GPT, window: np.ndarray, device: torch.device) -> tuple[torch.Tensor, int]:
-    x, y = to_device_batch(window[None, :].astype(np.int64), device)
-    logits, _ = model(x)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"), y.numel()
 
 
 @dataclass

@@ -30,7 +30,17 @@ from hydragpt.loggers import METRICS_FILE, RESULT_FILE, read_metrics
 
 SWEPT_FILE = "swept_keys.json"  # at the sweep root: the keys its jobs vary
 
-COLUMNS = ("job", "overrides", "status", "final_val_loss", "best_val_loss", "tokens_per_sec", "wall_s", "error")
+COLUMNS = (
+    "job",
+    "overrides",
+    "status",
+    "final_val_loss",
+    "best_val_loss",
+    "final_val_bpb",
+    "tokens_per_sec",
+    "wall_s",
+    "error",
+)
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -50,11 +60,13 @@ def job_row(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
     """One summary row: the job's result.json plus what its metrics.jsonl says about the losses and speed."""
     records = _records(run_dir)
     val = [r["val_loss"] for r in records if "val_loss" in r]
+    bpb = [r["val_bpb"] for r in records if "val_bpb" in r]
     speed = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]  # the first window warms up
     return {
         **result,
         "final_val_loss": val[-1] if val else None,
         "best_val_loss": _best(val),
+        "final_val_bpb": bpb[-1] if bpb else None,
         "tokens_per_sec": statistics.median(speed) if speed else None,
     }
 
@@ -90,7 +102,13 @@ def _swept_keys(sweep_dir: Path) -> set[str] | None:
         return None  # show every override
 
 
-FORMATS = {"final_val_loss": "{:.4f}", "best_val_loss": "{:.4f}", "tokens_per_sec": "{:,.0f}", "wall_s": "{:.1f}"}
+FORMATS = {
+    "final_val_loss": "{:.4f}",
+    "best_val_loss": "{:.4f}",
+    "final_val_bpb": "{:.4f}",
+    "tokens_per_sec": "{:,.0f}",
+    "wall_s": "{:.1f}",
+}
 
 
 def _cell(key: str, value: Any) -> str:

@@ -6,6 +6,7 @@ A description is a plain dict (`{"kind": "char", "chars": "..."}` or `{"kind": "
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,6 +28,11 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 bytes each token id stands for in text (int64, one per id; 0 for a special token such
+        as tiktoken's <|endoftext|>, which is no text): what bits per byte divides by."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -66,6 +72,9 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def token_bytes(self) -> np.ndarray:
+        return np.array([len(ch.encode("utf-8", "surrogatepass")) for ch in self.chars], dtype=np.int64)
+
     def describe(self) -> dict[str, Any]:
         return {"kind": CHAR, "chars": self.chars}
 
@@ -99,6 +108,15 @@ class TiktokenTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
+
+    def token_bytes(self) -> np.ndarray:
+        special = {self._enc.encode_single_token(name) for name in self._enc.special_tokens_set}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            # an id some encodings leave unused (cl100k_base's gaps) stands for no bytes either
+            with contextlib.suppress(KeyError):
+                lengths[i] = 0 if i in special else len(self._enc.decode_single_token_bytes(i))
+        return lengths
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "tiktoken", "name": self.name}

@@ -157,7 +157,16 @@ def build_trainer(
     eval_model: torch.nn.Module = torch.compile(model) if cfg.system.compile else model
     train_model = cfg.ddp.wrap(eval_model, device)  # evaluation needs no gradient averaging
     evaluators: list[Evaluator] = [
-        SplitLoss(data, t.batch_size, model_config.block_size, t.eval_iters, device, dtype, env)
+        SplitLoss(
+            data,
+            t.batch_size,
+            model_config.block_size,
+            t.eval_iters,
+            device,
+            dtype,
+            env,
+            torch.from_numpy(data.tokenizer.token_bytes()).to(device),
+        )
     ]
     if t.hellaswag_interval:
         examples = load_hellaswag(cfg.hellaswag, env)[: t.hellaswag_examples]

@@ -1,6 +1,7 @@
 """What the Trainer measures at each evaluation: each evaluator returns named numbers for the record.
 
-- `SplitLoss`: the mean loss over `eval_iters` fixed batches of each split (the same windows every time).
+- `SplitLoss`: the mean loss over `eval_iters` fixed batches of each split (the same windows every time),
+  and its bits per byte (`bits_per_byte`), which compares models across tokenizers.
 - `HellaswagAccuracy`: HellaSwag acc and acc_norm, at the evaluations whose step is a multiple of its interval.
 - `TextSamples`: a continuation of a fixed prompt, written to samples/iter_<step>.txt and the log, so a run
   shows what its model says as it learns; it adds no numbers.
@@ -24,6 +25,7 @@ from hydragpt.data.dataset import SPLITS, TokenDataset
 from hydragpt.data.loader import evaluation_batches
 from hydragpt.data.tokenizer import Tokenizer, encode_prompt
 from hydragpt.engine.distributed import DistEnv, all_reduce
+from hydragpt.engine.metrics import bits_per_byte
 from hydragpt.engine.system import autocast
 from hydragpt.evaluation import hellaswag_scores
 from hydragpt.model import GPT
@@ -50,6 +52,7 @@ class SplitLoss:
     device: torch.device
     dtype: torch.dtype
     env: DistEnv
+    token_bytes: torch.Tensor  # per token id, the UTF-8 bytes it stands for (Tokenizer.token_bytes)
 
     def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
         losses = {}
@@ -64,12 +67,17 @@ class SplitLoss:
                 self.env.world_size,
             )
             total = torch.zeros((), device=self.device)
+            n_bytes = torch.zeros((), dtype=torch.long, device=self.device)
             for x, y, counts in batches:
                 with autocast(self.device, self.dtype):
                     _, loss = model(x, y)
                 if counts:
                     total += loss.float()
-            losses[f"{split}_loss"] = (all_reduce(total, "sum") / self.eval_iters).item()
+                    n_bytes += self.token_bytes[y].sum()
+            mean = (all_reduce(total, "sum") / self.eval_iters).item()
+            n_tokens = self.eval_iters * self.batch_size * self.block_size
+            losses[f"{split}_loss"] = mean
+            losses[f"{split}_bpb"] = bits_per_byte(mean * n_tokens, int(all_reduce(n_bytes, "sum").item()))
         return losses
 
 

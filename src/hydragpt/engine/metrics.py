@@ -1,10 +1,12 @@
-"""Throughput and model FLOPs utilization (MFU), against a table of peak FLOP/s per device.
+"""Throughput and model FLOPs utilization (MFU), against a table of peak FLOP/s per device; bits per byte.
 
 MFU = achieved model FLOP/s / the device's peak dense FLOP/s at the training precision. Peaks are
 datasheet numbers (dense, no sparsity); `system.peak_flops` overrides the table for anything it misses.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -48,3 +50,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> float | None:
     return flops_per_token * tokens_per_sec / peak if peak else None
+
+
+def bits_per_byte(nats: float, n_bytes: int) -> float:
+    """A loss summed over tokens (in nats), per UTF-8 byte of the text they stand for, in bits: it does not
+    depend on how the text was cut into tokens. NaN for text of no bytes."""
+    return nats / n_bytes / math.log(2) if n_bytes else math.nan

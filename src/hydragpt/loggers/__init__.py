@@ -73,11 +73,13 @@ class ConsoleLogger:
             hellaswag = (
                 f", hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else ""
             )
+            bpb = f" ({record['val_bpb']:.4f} bits per byte)" if "val_bpb" in record else ""
             log.info(
-                "eval at iter %d: train loss %.4f, val loss %.4f%s",
+                "eval at iter %d: train loss %.4f, val loss %.4f%s%s",
                 record["iter"],
                 record["train_loss"],
                 record["val_loss"],
+                bpb,
                 hellaswag,
             )
             return
