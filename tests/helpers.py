@@ -30,6 +30,8 @@ CONF_DIR = REPO / "conf"
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 # Copies GPT-2's BPE files into a tiktoken cache, so tiktoken.get_encoding("gpt2") works offline.
 SEED_TIKTOKEN_CACHE = REPO.parent / "shared" / "tools" / "seed-tiktoken-cache"
+# GPT-2's vocab.bpe and encoder.json, for a Hugging Face tokenizer built offline without our code.
+GPT2_BPE_FILES = REPO.parent / "shared" / "data" / "gpt2-bpe"
 # A small, fast model and run for tests: seconds on a CPU (plots, a second of matplotlib, only where asked).
 DEBUG_RUN = [
     "model=debug",
@@ -178,3 +180,31 @@ def prepare_dataset(data_dir: Path, data: str, source: Path | str, *overrides: s
 
     cfg = compose_config("prepare", [f"data={data}", f"paths.data_dir={data_dir}", f"data.source={source}", *overrides])
     return prepare(prepare_config(cfg))
+
+
+def hf_gpt2(path: Path) -> torch.nn.Module:
+    """A small GPT-2 with GPT-2's vocabulary, saved the way the Hub's are (OpenAI's gelu_new, biases).
+    Every parameter is random, biases and layer norms included, so no mapping mistake hides behind a 0 or 1."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_gpt2_tokenizer(path: Path) -> None:
+    """GPT-2's tokenizer files in `path`, built from the BPE files with `tokenizers` alone (as the Hub's:
+    byte-level, <|endoftext|> as its end-of-text token), so transformers and lm-eval load it offline."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE.from_file(str(GPT2_BPE_FILES / "encoder.json"), str(GPT2_BPE_FILES / "vocab.bpe")))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    end = "<|endoftext|>"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=end, bos_token=end).save_pretrained(path)

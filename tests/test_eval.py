@@ -30,10 +30,11 @@ FIXTURE = [
 @pytest.fixture
 def hellaswag_file(tmp_path: Path) -> Path:
     path = tmp_path / "hellaswag_val.jsonl"
-    lines = [
-        {**e, "label": i % 4, "split_type": "zeroshot" if i % 2 else "indomain", "ind": i}
-        for i, e in enumerate(FIXTURE)
-    ]
+    lines = []
+    for i, e in enumerate(FIXTURE):
+        ctx_a, ctx_b = e["ctx"].rsplit(" ", 1)  # the official file's ctx is ctx_a + " " + ctx_b
+        label = {"label": i % 4, "split_type": "zeroshot" if i % 2 else "indomain", "ind": i}
+        lines.append({"activity_label": "Drama", "ctx_a": ctx_a, "ctx_b": ctx_b, **e, **label})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -76,9 +77,17 @@ def test_training_records_bits_per_byte(trained_run: Path) -> None:
             assert record[f"{split}_bpb"] == pytest.approx(record[f"{split}_loss"] / math.log(2), rel=1e-6)
 
 
-def test_hellaswag_matches_a_reference_computed_by_hand(trained_run: Path, hellaswag_file: Path) -> None:
+@pytest.mark.parametrize("method", ["lm_eval", "build_nanogpt"])
+def test_hellaswag_matches_a_reference_computed_by_hand(trained_run: Path, hellaswag_file: Path, method: str) -> None:
+    """lm_eval: "<activity>: <ctx_a> <Ctx_b>", acc_norm per character of the ending; build_nanogpt: ctx as
+    it is, acc_norm per token."""
     result = run_script(
-        "eval", f"ckpt={trained_run}", "task=hellaswag", f"hellaswag.path={hellaswag_file}", "show_examples=2"
+        "eval",
+        f"ckpt={trained_run}",
+        "task=hellaswag",
+        f"hellaswag.path={hellaswag_file}",
+        f"hellaswag.method={method}",
+        "show_examples=2",
     )
     assert result.returncode == 0, result.stderr
     got = last_json(result.stdout)
@@ -88,17 +97,20 @@ def test_hellaswag_matches_a_reference_computed_by_hand(trained_run: Path, hella
     with torch.no_grad():
         for line in hellaswag_file.read_text().splitlines():
             example = json.loads(line)
-            context = tokenizer.encode(example["ctx"])
-            sums, means = [], []
+            text = example["ctx"]
+            if method == "lm_eval":
+                text = f"Drama: {example['ctx_a']} {example['ctx_b'][0].upper()}{example['ctx_b'][1:]}"
+            context = tokenizer.encode(text)
+            sums, norms = [], []
             for ending in example["endings"]:
                 ending_ids = tokenizer.encode(" " + ending)
                 ids = torch.tensor(context + ending_ids)[-model.config.block_size :]  # a long context keeps its end
                 logits, _ = model(ids[None, :-1])
                 losses = F.cross_entropy(logits[0], ids[1:], reduction="none")[-len(ending_ids) :]
                 sums.append(losses.sum().item())
-                means.append(losses.mean().item())
+                norms.append(losses.sum().item() / (len(ending) if method == "lm_eval" else len(ending_ids)))
             correct += int(np.argmin(sums)) == example["label"]
-            hit = int(np.argmin(means)) == example["label"]
+            hit = int(np.argmin(norms)) == example["label"]
             correct_norm += hit
             by_type[example["split_type"]].append(hit)
     assert got["n"] == len(FIXTURE)
@@ -106,6 +118,7 @@ def test_hellaswag_matches_a_reference_computed_by_hand(trained_run: Path, hella
     assert got["acc_norm_zeroshot"] == sum(by_type["zeroshot"]) / 3
     assert got["acc_norm_indomain"] == sum(by_type["indomain"]) / 3
     assert result.stdout.count("context: ") == 2 and "predicted" in result.stdout
+    assert ("per character" in result.stdout) == (method == "lm_eval")
 
 
 def test_hellaswag_offline_without_the_file(trained_run: Path, tmp_path: Path) -> None:

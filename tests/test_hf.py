@@ -16,22 +16,9 @@ import torch.nn.functional as F
 from hydragpt.errors import UserError
 from hydragpt.hf import GPT2_VOCAB, export, load_pretrained
 from hydragpt.model import GPT, GPTConfig
-from tests.helpers import open_prepared, prepare_dataset, run_script
+from tests.helpers import hf_gpt2, open_prepared, prepare_dataset, run_script
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_gpt2(path: Path) -> torch.nn.Module:
-    """A small GPT-2 with GPT-2's vocabulary, saved the way the Hub's are (OpenAI's gelu_new, biases).
-    Every parameter is random, biases and layer norms included, so no mapping mistake hides behind a 0 or 1."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=4)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.2)
-    model.save_pretrained(path)
-    return model
 
 
 def test_hugging_face_gpt2_loads_with_equal_logits(tmp_path: Path) -> None:
@@ -132,6 +119,7 @@ def test_export_writes_gpt2_tokenizer_files(tmp_path: Path, gpt2_bpe: None) -> N
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "Hello, I'm a language model,  émigré 123\n\nok"
     assert tokenizer.encode(text) == tiktoken.get_encoding("gpt2").encode(text)
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == 50256
 
 
 def test_finetune_recipe_from_a_local_gpt2(gpt2_bpe: None, tmp_path: Path, corpus_file: Path) -> None:

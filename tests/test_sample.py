@@ -194,7 +194,7 @@ def test_newline_stop_and_streaming_never_shows_a_stop(trained_run: Path) -> Non
     settings = Settings(100, 0.0, None, None, stop, True)
     generator = torch.Generator().manual_seed(0)
     (answer,) = complete(
-        model, tokenizer, tokenizer.encode("ROMEO:"), 1, settings, generator, torch.float32, pieces.append
+        model, tokenizer, [tokenizer.encode("ROMEO:")], settings, generator, torch.float32, pieces.append
     )
     expected = completion[: min(completion.find(s) for s in stop if s in completion)]
     assert "".join(pieces) == answer == expected

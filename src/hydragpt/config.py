@@ -33,6 +33,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 VAL_SPLITS = ("tail", "docs", "head")
+HELLASWAG_METHODS = ("lm_eval", "build_nanogpt")
 SAMPLING = ("random", "sequential")
 SAMPLE_FORMATS = ("text", "jsonl")
 MAX_NEW_TOKENS = 1_000_000  # per sample and call: an hour or more of generation on a CPU, a few MB of text
@@ -50,7 +51,11 @@ def only_with(config: Any, name: str, active: bool, needs: str, prefix: str = ""
     """A knob that acts only when `needs` holds is refused when set otherwise: it would be recorded and
     ignored. Set means: not its default."""
     value = getattr(config, name)
-    default = next(f.default for f in fields(config) if f.name == name)
+    default = next(
+        f.default_factory() if f.default is NO_DEFAULT else f.default  # type: ignore[misc]
+        for f in fields(config)
+        if f.name == name
+    )
     typed = "null" if default is None else json.dumps(default) if isinstance(default, str) else default
     require(
         active or value == default,
@@ -140,7 +145,11 @@ class HellaswagConfig:
     """HellaSwag's validation set (10,042 examples), for eval.py task=hellaswag and train.hellaswag_interval."""
 
     path: str = "${paths.data_dir}/hellaswag/hellaswag_val.jsonl"  # the official file; downloaded here when absent
+    method: str = "lm_eval"  # lm_eval (its prompt; acc_norm per character) or build_nanogpt (ctx; per token)
     url: str = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"  # where from
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, HELLASWAG_METHODS, "hellaswag.method")
 
 
 @dataclass
@@ -205,23 +214,34 @@ class BenchPrepareConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """eval.py task=lm_eval: tasks of EleutherAI's lm-evaluation-harness (pip install 'hydragpt[eval]')."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task or group names, e.g. [hellaswag,arc_easy,piqa]
+    num_fewshot: Optional[int] = None  # examples shown before each question (null: each task's own default)
+    include_path: Optional[str] = None  # a directory of your own task YAML files, found beside lm-eval's
+    bootstrap_iters: int = 1000  # resamples for the stderr of metrics without a closed form (0: none)
+
+
+@dataclass
 class EvalConfig:
-    """scripts/eval.py: score a model: loss over a whole split, or HellaSwag accuracy."""
+    """scripts/eval.py: score a model: loss over a whole split, HellaSwag accuracy, or lm-eval tasks."""
 
     ckpt: str = "latest"  # a checkpoint file, a run directory, or "latest" (the newest last.pt under paths.output_dir)
     init_from: Optional[str] = None  # or a pretrained GPT-2 instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, hf:<dir>
-    task: str = "val_loss"  # val_loss or hellaswag
+    task: str = "val_loss"  # val_loss, hellaswag or lm_eval
     split: str = "val"  # val_loss: the split of the checkpoint's dataset (under paths.data_dir) to score
     dataset: Optional[str] = None  # val_loss: the prepared dataset to score (null: the one the checkpoint trained on)
-    batch_size: int = 8  # val_loss: sequences per forward (hellaswag scores one example, 4 endings, per forward)
+    batch_size: int = 8  # val_loss, lm_eval: sequences per forward (hellaswag: one example, 4 endings, per forward)
     device: str = "auto"  # auto (cuda, mps, else cpu), cpu, cuda, mps; cuda:LOCAL_RANK under torchrun
     dtype: str = "auto"  # auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16
-    limit: Optional[int] = None  # score only the first this many windows (val_loss) or examples (hellaswag)
+    limit: Optional[int] = None  # score only the first this many windows (val_loss) or examples (of each task)
     show_examples: int = 0  # hellaswag: print this many worked examples (context, endings with losses, prediction)
     out: Optional[str] = (
-        None  # also write the result JSON here (hellaswag: each example's scores to <out>.examples.jsonl)
+        None  # also write the result JSON here (hellaswag, lm_eval: each example's scores to <out>.examples.jsonl)
     )
     hellaswag: HellaswagConfig = field(default_factory=HellaswagConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -386,7 +406,7 @@ def bench_prepare_config(cfg: DictConfig) -> BenchPrepareConfig:
     return typed
 
 
-EVAL_TASKS = ("val_loss", "hellaswag")
+EVAL_TASKS = ("val_loss", "hellaswag", "lm_eval")
 
 
 def eval_config(cfg: DictConfig) -> EvalConfig:
@@ -399,9 +419,20 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
     validate_device(typed.device, "device")
     check_choice(typed.dtype, DTYPES, "dtype")
     validate_output_file(typed.out, "out")
-    for name in ("split", "dataset", "batch_size"):
+    for name in ("split", "dataset"):
         only_with(typed, name, typed.task == "val_loss", "task=val_loss")
+    only_with(typed, "batch_size", typed.task in ("val_loss", "lm_eval"), "task=val_loss or task=lm_eval")
     only_with(typed, "show_examples", typed.task == "hellaswag", "task=hellaswag")
+    for name in ("tasks", "num_fewshot", "include_path", "bootstrap_iters"):
+        only_with(typed.lm_eval, name, typed.task == "lm_eval", "task=lm_eval", "lm_eval.")
+    if typed.task == "lm_eval":
+        require(bool(typed.lm_eval.tasks), "task=lm_eval needs tasks", "e.g. lm_eval.tasks=[hellaswag,arc_easy,piqa]")
+        include = typed.lm_eval.include_path
+        require(
+            include is None or Path(include).is_dir(),
+            f"lm_eval.include_path={include} is not a directory",
+            "give a directory of task YAML files",
+        )
     return typed
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -53,8 +54,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             if cfg.task == "val_loss":
                 token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(device)
                 result = split_loss(model, dataset_to_score(cfg, ckpt).splits[cfg.split], token_bytes, cfg, env)
-            else:
+            elif cfg.task == "hellaswag":
                 result = hellaswag(model, tokenizer, cfg, env)
+            else:
+                result = lm_eval_tasks(model, tokenizer, cfg, dtype)
         if env.is_main:
             print(json.dumps(result), flush=True)
             if cfg.out:
@@ -62,6 +65,29 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         return result
     finally:
         distributed.shutdown()
+
+
+def lm_eval_tasks(model: GPT, tokenizer: Tokenizer, cfg: EvalConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """lm-eval's tasks through our model: its tables on stdout (rank 0), each task's metrics as the result,
+    and every example's request, answers and scores beside `out`."""
+    from hydragpt.harness import HarnessModel, evaluate_tasks, summary, table
+
+    lm = HarnessModel(model, tokenizer, cfg.batch_size, dtype)
+    options = cfg.lm_eval
+    results = evaluate_tasks(
+        lm, options.tasks, options.num_fewshot, cfg.limit, options.include_path, options.bootstrap_iters
+    )
+    if results is None:  # ranks other than 0
+        return {}
+    print(table(results), flush=True)
+    if cfg.out:
+        records = [{"task": task, **sample} for task, samples in results["samples"].items() for sample in samples]
+        Path(f"{cfg.out}.examples.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    return {
+        "task": "lm_eval",
+        "results": summary(results),
+        "n": {k: v["effective"] for k, v in results["n-samples"].items()},
+    }
 
 
 def dataset_to_score(cfg: EvalConfig, ckpt: dict[str, Any]) -> TokenDataset:
@@ -155,13 +181,14 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass
 class Scored:
-    """One HellaSwag example: the summed and the mean loss of each ending, and what they predict."""
+    """One HellaSwag example: each ending's summed loss and its loss normalised by the ending's length
+    (characters or tokens, by method), and what they predict."""
 
     index: int
     label: int
     split_type: str
     sum_losses: list[float]
-    mean_losses: list[float]
+    norm_losses: list[float]
 
     @property
     def pred(self) -> int:
@@ -169,7 +196,7 @@ class Scored:
 
     @property
     def pred_norm(self) -> int:
-        return int(np.argmin(self.mean_losses))
+        return int(np.argmin(self.norm_losses))
 
     def record(self) -> dict[str, Any]:
         return {**asdict(self), "pred": self.pred, "pred_norm": self.pred_norm}
@@ -179,10 +206,10 @@ def hellaswag(model: GPT, tokenizer: Tokenizer, cfg: EvalConfig, env: distribute
     """scripts/eval.py task=hellaswag: the scores, worked examples on request, and every example's
     scores as JSON lines beside `out`."""
     examples = load_hellaswag(cfg.hellaswag, env)[: cfg.limit]
-    result, scored = hellaswag_scores(model, tokenizer, examples, env, progress=True)
+    result, scored = hellaswag_scores(model, tokenizer, examples, cfg.hellaswag.method, env, progress=True)
     if env.is_main and cfg.show_examples:
         for s in scored[: cfg.show_examples]:
-            _show(examples[s.index], s)
+            _show(hellaswag_texts(examples[s.index], cfg.hellaswag.method), s, cfg.hellaswag.method)
     if cfg.out:  # every rank's scores, in example order
         gathered = distributed.gather_objects([s.record() for s in scored])
         records = sorted((r for rank in gathered for r in rank), key=lambda r: r["index"])
@@ -192,20 +219,26 @@ def hellaswag(model: GPT, tokenizer: Tokenizer, cfg: EvalConfig, env: distribute
 
 
 def hellaswag_scores(
-    model: GPT, tokenizer: Tokenizer, examples: list[dict[str, Any]], env: distributed.DistEnv, progress: bool
+    model: GPT,
+    tokenizer: Tokenizer,
+    examples: list[dict[str, Any]],
+    method: str,
+    env: distributed.DistEnv,
+    progress: bool,
 ) -> tuple[dict[str, Any], list[Scored]]:
-    """build-nanogpt's method: context + each ending in one batch of 4, loss over the ending's tokens only;
-    `acc` picks the lowest summed loss, `acc_norm` the lowest mean loss per token. Each rank scores every
-    world_size-th example; all run the same number of forwards (a sharded model gathers its weights in
-    each), the ranks short of one scoring a repeat that does not count. Returns this rank's scores too."""
+    """Context + each ending in one batch of 4, loss over the ending's tokens only; `acc` picks the lowest
+    summed loss, `acc_norm` the lowest loss per character of the ending (method lm_eval) or per token
+    (build_nanogpt). Each rank scores every world_size-th example; all run the same number of forwards (a
+    sharded model gathers its weights in each), the ranks short of one scoring a repeat that does not
+    count. Returns this rank's scores too."""
     device = next(model.parameters()).device
     mine = list(range(env.rank, len(examples), env.world_size))
     scored = []
     for k in tqdm(range(-(-len(examples) // env.world_size)), desc="hellaswag", disable=not (progress and env.is_main)):
+        i = mine[k] if k < len(mine) else 0
+        s = score_example(model, tokenizer, examples[i], i, method, device)
         if k < len(mine):
-            scored.append(score_example(model, tokenizer, examples[mine[k]], mine[k], device))
-        else:
-            score_example(model, tokenizer, examples[0], 0, device)
+            scored.append(s)
     rows = [[0.0, 0.0, 0.0] for _ in range(3)]  # all, zeroshot, indomain: examples, correct, correct_norm
     for s in scored:
         for row in (0, 1 if s.split_type == "zeroshot" else 2):
@@ -219,11 +252,30 @@ def hellaswag_scores(
     return result, scored
 
 
+def hellaswag_texts(example: dict[str, Any], method: str) -> tuple[str, list[str]]:
+    """The context and the 4 endings as each method reads them. lm-eval's: the activity label, then ctx_a
+    and ctx_b (capitalised), with the WikiHow markup ([title], [step] and the like) cleaned out of both
+    context and endings; build-nanogpt's: the file's `ctx` and endings as they are."""
+    if method == "build_nanogpt":
+        return example["ctx"], list(example["endings"])
+    context = f"{example['activity_label']}: {example['ctx_a']} {example['ctx_b'].capitalize()}"
+    return _clean_wikihow(context), [_clean_wikihow(ending) for ending in example["endings"]]
+
+
+def _clean_wikihow(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
 def score_example(
-    model: GPT, tokenizer: Tokenizer, example: dict[str, Any], index: int, device: torch.device
+    model: GPT, tokenizer: Tokenizer, example: dict[str, Any], index: int, method: str, device: torch.device
 ) -> Scored:
-    context = tokenizer.encode(example["ctx"])
-    endings = [tokenizer.encode(" " + ending) for ending in example["endings"]]
+    context_text, endings_text = hellaswag_texts(example, method)
+    context = tokenizer.encode(context_text)
+    if method == "lm_eval":  # an ending's tokens: those of the whole text after the context's
+        endings = [tokenizer.encode(f"{context_text} {ending}")[len(context) :] for ending in endings_text]
+    else:
+        endings = [tokenizer.encode(f" {ending}") for ending in endings_text]
     block = model.config.block_size
     rows = []
     for ending in endings:
@@ -238,10 +290,10 @@ def score_example(
     idx, mask = idx.to(device), mask.to(device)
     logits, _ = model(idx)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
-    losses = losses.view(len(rows), width - 1) * mask[:, 1:]
-    sums = losses.sum(dim=1)
-    means = sums / mask[:, 1:].sum(dim=1)
-    return Scored(index, int(example["label"]), example.get("split_type", ""), sums.tolist(), means.tolist())
+    sums = (losses.view(len(rows), width - 1) * mask[:, 1:]).sum(dim=1)
+    lengths = [len(e) for e in endings_text] if method == "lm_eval" else mask[:, 1:].sum(dim=1).tolist()
+    norms = [total / max(1, length) for total, length in zip(sums.tolist(), lengths, strict=True)]
+    return Scored(index, int(example["label"]), example.get("split_type", ""), sums.tolist(), norms)
 
 
 def load_hellaswag(cfg: HellaswagConfig, env: distributed.DistEnv) -> list[dict[str, Any]]:
@@ -252,9 +304,11 @@ def load_hellaswag(cfg: HellaswagConfig, env: distributed.DistEnv) -> list[dict[
 
 
 def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
-    """The official jsonl (one example per line: ctx, endings, label, split_type), downloaded when absent."""
+    """The official jsonl (one example per line: activity_label, ctx_a, ctx_b, ctx, endings, label,
+    split_type), downloaded when absent."""
     official = (
-        f"point hellaswag.path at the official hellaswag_val.jsonl (ctx, 4 endings and a label per line), or"
+        f"point hellaswag.path at the official hellaswag_val.jsonl (activity_label, ctx_a, ctx_b, ctx, 4 endings"
+        f" and a label per line), or"
         f" delete {path} to download it again from hellaswag.url"
     )
     if path.is_dir():
@@ -279,7 +333,8 @@ def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         try:
             example = json.loads(line)
-            assert isinstance(example["ctx"], str) and len(example["endings"]) == 4 and 0 <= int(example["label"]) < 4
+            assert all(isinstance(example[key], str) for key in ("activity_label", "ctx_a", "ctx_b", "ctx"))
+            assert len(example["endings"]) == 4 and 0 <= int(example["label"]) < 4
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as ex:
             raise UserError(f"{path}:{number} is not a HellaSwag example ({type(ex).__name__})", official) from ex
         examples.append(example)
@@ -288,8 +343,10 @@ def read_hellaswag(path: Path, url: str) -> list[dict[str, Any]]:
     return examples
 
 
-def _show(example: dict[str, Any], scored: Scored) -> None:
-    print(f"context: {example['ctx']}")
-    for i, ending in enumerate(example["endings"]):
-        print(f"  {i} (loss {scored.mean_losses[i]:.4f} per token, {scored.sum_losses[i]:.2f} in all): {ending}")
+def _show(texts: tuple[str, list[str]], scored: Scored, method: str) -> None:
+    context, endings = texts
+    unit = "character" if method == "lm_eval" else "token"
+    print(f"context: {context}")
+    for i, ending in enumerate(endings):
+        print(f"  {i} (loss {scored.norm_losses[i]:.4f} per {unit}, {scored.sum_losses[i]:.2f} in all): {ending}")
     print(f"predicted {scored.pred_norm}, label {scored.label}")

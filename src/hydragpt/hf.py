@@ -303,5 +303,11 @@ def _write_tokenizer(ckpt: dict[str, Any], out_dir: Path) -> None:
                 f"cannot load GPT-2's tokenizer: {ex}", "connect once, or set TIKTOKEN_CACHE_DIR to a seeded cache"
             ) from ex
         convert_tiktoken_to_fast(encoding, out_dir)
+        # as the Hub's gpt2: <|endoftext|> begins, ends and pads, so generate() and lm-eval stop at it
+        end = "<|endoftext|>"
+        tokenizer = _transformers().PreTrainedTokenizerFast(
+            tokenizer_file=str(out_dir / "tokenizer.json"), bos_token=end, eos_token=end, unk_token=end
+        )
+        tokenizer.save_pretrained(out_dir)
     else:
         log.info("tokenizer %s has no Hugging Face equivalent: no tokenizer files written", ckpt["tokenizer"]["kind"])

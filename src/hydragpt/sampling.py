@@ -202,22 +202,23 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 def complete(
     model: GPT,
     tokenizer: Tokenizer,
-    prompt_ids: list[int],
-    num_samples: int,
+    prompts: list[list[int]],
     settings: Settings,
     generator: torch.Generator,
     dtype: torch.dtype,
     stream: Callable[[str], None] | None = None,
+    end_token: int | None = None,
 ) -> list[str]:
-    """`num_samples` continuations of the prompt, generated as one batch, each ending at a stop string.
+    """A continuation of each prompt (all of one length), generated as one batch, each ending at a stop
+    string or at `end_token` (left out).
 
     `stream` gets the first continuation's text piece by piece as it is generated (never half a
     multi-byte character, never a stop string).
     """
     device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)
-    ids: list[list[int]] = [[] for _ in range(num_samples)]
-    stopped = [False] * num_samples
+    idx = torch.tensor(prompts, dtype=torch.long, device=device)
+    ids: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
     tail = max((len(s) for s in settings.stop), default=0) * 4 + 4  # tokens that can hold a stop string
     shown, shown_text = 0, ""  # streamed: the first sample's tokens and text so far
     progress = tqdm(  # long generations show their progress on stderr (short ones never do)
@@ -239,7 +240,9 @@ def complete(
         for token in steps:
             progress.update()
             for i, new in enumerate(token[:, 0].tolist()):
-                if not stopped[i]:
+                if not stopped[i] and new == end_token:
+                    stopped[i] = True
+                elif not stopped[i]:
                     ids[i].append(new)
                     recent = ids[i][-tail:]  # decoded only when there are stop strings to look for
                     stopped[i] = bool(settings.stop) and cut_at_stop(tokenizer.decode(recent), settings.stop)[1]
@@ -280,7 +283,7 @@ def sample(cfg: SampleConfig) -> list[str]:
         return []
     prompt = read_prompt(cfg.start)
     prompt_ids = encode_prompt(tokenizer, prompt, "start")
-    completions = complete(model, tokenizer, prompt_ids, cfg.num_samples, settings, generator, dtype)
+    completions = complete(model, tokenizer, [prompt_ids] * cfg.num_samples, settings, generator, dtype)
     output = format_samples(prompt, completions, cfg.format)
     print(output, end="", flush=True)
     if cfg.out:
@@ -321,7 +324,7 @@ def chat(model: GPT, tokenizer: Tokenizer, settings: Settings, generator: torch.
             continue
         print(text, end="", flush=True)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops this answer, not the chat
-            complete(model, tokenizer, prompt_ids, 1, settings, generator, dtype, stream=_print_now)
+            complete(model, tokenizer, [prompt_ids], settings, generator, dtype, stream=_print_now)
         print(flush=True)
 
 

@@ -170,7 +170,9 @@ def build_trainer(
     ]
     if t.hellaswag_interval:
         examples = load_hellaswag(cfg.hellaswag, env)[: t.hellaswag_examples]
-        evaluators.append(HellaswagAccuracy(examples, data.tokenizer, t.hellaswag_interval, device, dtype, env))
+        evaluators.append(
+            HellaswagAccuracy(examples, cfg.hellaswag.method, data.tokenizer, t.hellaswag_interval, device, dtype, env)
+        )
     if t.sample_interval:
         evaluators.append(
             TextSamples(

@@ -84,6 +84,7 @@ class SplitLoss:
 @dataclass
 class HellaswagAccuracy:
     examples: list[dict[str, Any]]
+    method: str  # hellaswag.method
     tokenizer: Tokenizer
     interval: int
     device: torch.device
@@ -94,7 +95,7 @@ class HellaswagAccuracy:
         if not due(step, self.interval, final):
             return {}
         with autocast(self.device, self.dtype):
-            scores, _ = hellaswag_scores(model, self.tokenizer, self.examples, self.env, progress=False)
+            scores, _ = hellaswag_scores(model, self.tokenizer, self.examples, self.method, self.env, progress=False)
         return {"hellaswag_acc": scores["acc"], "hellaswag_acc_norm": scores["acc_norm"]}
 
 
@@ -125,7 +126,7 @@ class TextSamples:
         defaults = SampleConfig
         settings = Settings(self.max_new_tokens, defaults.temperature, defaults.top_k, defaults.top_p, [], True)
         generator = torch.Generator(self.device).manual_seed(self.seed)
-        (text,) = complete(self.model, self.tokenizer, self.prompt_ids, 1, settings, generator, self.dtype)
+        (text,) = complete(self.model, self.tokenizer, [self.prompt_ids], settings, generator, self.dtype)
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / f"iter_{step:06d}.txt").write_text(self.prompt + text, encoding="utf-8")
