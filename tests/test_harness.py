@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hydragpt.loggers import read_metrics
 from tests.helpers import hf_gpt2, hf_gpt2_tokenizer, run_script, torchrun
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -48,13 +49,8 @@ def write_task(tasks: Path, name: str, rows: list[dict], body: str, split: str =
     (tasks / f"{name}.yaml").write_text(head + body.format())
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_bpe: None) -> Path:
-    """A random 3-layer GPT-2 with GPT-2's tokenizer files, and three tasks, one per request kind."""
-    root = tmp_path_factory.mktemp("harness")
-    hf_gpt2(root / "gpt2")
-    hf_gpt2_tokenizer(root / "gpt2")
-    tasks = root / "tasks"
+def write_toy_tasks(tasks: Path) -> Path:
+    """Three tasks, one per request kind, in characters the Shakespeare char vocabulary has."""
     tasks.mkdir()
     lines = ["the king said", "Romeo answered", "a Citizen cried", "the Nurse asked", "Juliet sighed", "ay"]
     choices = [" yes", " no, my lord", " the queen is dead", " farewell, farewell!"]
@@ -64,6 +60,16 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_bpe: None) -> Path:
     write_task(tasks, "toy_ppl", [{"text": speech * (i + 1)} for i in range(3)], ROLLING)  # up to ~4 windows
     prompts = [{"prompt": f"KING: My lord {word},", "answer": "x"} for word in ("of York", "Clarence", "the", "")]
     write_task(tasks, "toy_gen", prompts, GENERATE)
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_bpe: None) -> Path:
+    """A random 3-layer GPT-2 with GPT-2's tokenizer files, and the toy tasks."""
+    root = tmp_path_factory.mktemp("harness")
+    hf_gpt2(root / "gpt2")
+    hf_gpt2_tokenizer(root / "gpt2")
+    write_toy_tasks(root / "tasks")
     return root
 
 
@@ -188,7 +194,8 @@ def test_hand_written_hellaswag_and_lm_evals_task_agree(gpt2_dir: Path, tmp_path
 
 def test_lm_eval_knobs_are_refused_where_they_do_nothing(tmp_path: Path) -> None:
     cases = {
-        ("task=lm_eval",): "error: task=lm_eval needs tasks (e.g. lm_eval.tasks=[hellaswag,arc_easy,piqa])",
+        ("task=lm_eval",): "error: task=lm_eval needs tasks or a suite (e.g. lm_eval.tasks=[hellaswag,arc_easy,piqa]",
+        ("suite=core_small",): "error: suite= has no effect without task=lm_eval (set task=lm_eval)",
         ("lm_eval.tasks=[piqa]",): "error: lm_eval.tasks=['piqa'] has no effect without task=lm_eval",
         ("task=lm_eval", "lm_eval.tasks=[piqa]", f"lm_eval.include_path={tmp_path / 'none'}"): (
             f"error: lm_eval.include_path={tmp_path / 'none'} is not a directory (give a directory of task YAML files)"
@@ -244,3 +251,42 @@ def test_two_ranks_split_the_requests_and_agree_with_one(gpt2_dir: Path, tmp_pat
     assert split["n"] == single["n"]
     for task, metrics in single["results"].items():
         assert split["results"][task] == pytest.approx(metrics, rel=1e-5), task
+
+
+def test_a_suite_during_training_and_from_eval_py(train_run, tmp_path: Path) -> None:
+    """suite= with train.eval_suite_interval: the centred mean and each task's metric join the evaluation
+    records and the log line; eval.py scores the final checkpoint's suite to the same numbers."""
+    tasks = write_toy_tasks(tmp_path / "tasks")
+    suite = [
+        "suite=core_small",
+        "suite.name=toy",
+        "suite.tasks=[{task:toy_mc,metric:acc,random_baseline:0.25},{task:toy_gen,metric:exact_match,num_fewshot:1}]",
+        f"suite.include_path={tasks}",
+    ]
+    result = train_run("train.max_iters=4", "train.eval_interval=2", "train.eval_suite_interval=4", *suite)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert [("suite/toy" in r) for r in evals] == [True, False, True]  # step 0, 2 (not a multiple of 4), 4
+    final = evals[-1]
+    mc, exact = final["suite/toy/toy_mc"], final["suite/toy/toy_gen"]
+    assert final["suite/toy"] == pytest.approx(((mc - 0.25) / 0.75 + exact) / 2) and 0 <= exact <= 1
+    assert f", toy {final['suite/toy']:.4f}" in result.stdout
+
+    scored = run_script("eval", f"ckpt={tmp_path / 'run'}", "task=lm_eval", *suite)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    got = json.loads(scored.stdout.strip().splitlines()[-1])["suite"]
+    assert got["metrics"] == pytest.approx({"toy_mc": mc, "toy_gen": exact}, rel=1e-6)
+    assert got["score"] == pytest.approx(final["suite/toy"], rel=1e-6)
+
+
+def test_a_suite_in_training_is_refused_where_it_cannot_run(train_run) -> None:
+    cases = {
+        ("train.eval_suite_interval=250",): "error: train.eval_suite_interval and suite= go together",
+        ("suite=core_small",): "error: train.eval_suite_interval and suite= go together",
+        ("suite=core_small", "train.eval_suite_interval=250", "ddp=fsdp"): (
+            "error: train.eval_suite_interval cannot run under ddp=fsdp"
+        ),
+    }
+    for overrides, error in cases.items():
+        result = train_run(*overrides)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(error), result.stderr

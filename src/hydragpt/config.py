@@ -214,6 +214,40 @@ class BenchPrepareConfig:
 
 
 @dataclass
+class SuiteTask:
+    """One task of a suite: which lm-eval task, which of its metrics, and what random guessing scores."""
+
+    task: str = MISSING  # an lm-eval task name, e.g. hellaswag
+    metric: str = "acc"  # the metric the suite reads (lm-eval's name: acc, acc_norm, ...), higher is better
+    num_fewshot: int = 0  # examples shown before each question
+    random_baseline: float = 0.0  # the metric's value for random guessing (0.25 for 4 choices)
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.random_baseline < 1,
+            f"suite task {self.task}: random_baseline must be in [0, 1), got {self.random_baseline}",
+            "give the metric's value for random guessing, e.g. 0.25 for 4 choices",
+        )
+
+
+@dataclass
+class SuiteConfig:
+    """A benchmark suite (conf/suite/): tasks scored together into one number, the mean over its tasks of
+    each score centred on its random baseline, (x - baseline) / (1 - baseline): 0 is guessing, 1 is perfect."""
+
+    name: str = MISSING  # the suite's name, the key of its score in results and evaluation records
+    tasks: list[SuiteTask] = field(default_factory=list)  # the tasks, each with its metric and baseline
+    limit: Optional[int] = None  # score only the first this many examples of each task (null: all)
+    include_path: Optional[str] = None  # a directory of task YAML files the suite's tasks may come from
+
+    def __post_init__(self) -> None:
+        require(bool(self.tasks), f"suite {self.name} has no tasks", "list them under tasks: in its YAML")
+        require(self.limit is None or self.limit >= 1, "suite.limit must be >= 1", "or null for every example")
+        names = [t.task for t in self.tasks]
+        require(len(set(names)) == len(names), f"suite {self.name} lists a task twice", "list each task once")
+
+
+@dataclass
 class LmEvalConfig:
     """eval.py task=lm_eval: tasks of EleutherAI's lm-evaluation-harness (pip install 'hydragpt[eval]')."""
 
@@ -242,6 +276,7 @@ class EvalConfig:
     )
     hellaswag: HellaswagConfig = field(default_factory=HellaswagConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    suite: Optional[SuiteConfig] = None  # task=lm_eval: a suite of conf/suite/ (suite=core_small) besides the tasks
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -345,6 +380,12 @@ def validate_output_file(out: str | None, key: str) -> None:
     )
 
 
+def validate_include_path(path: str | None, key: str) -> None:
+    require(
+        path is None or Path(path).is_dir(), f"{key}={path} is not a directory", "give a directory of task YAML files"
+    )
+
+
 def validate_tokenizer(name: str, key: str) -> None:
     if name != "char":  # tiktoken's list of encodings is only looked up when needed
         check_choice(name, ("char", *tiktoken_encodings()), key)
@@ -425,14 +466,18 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
     only_with(typed, "show_examples", typed.task == "hellaswag", "task=hellaswag")
     for name in ("tasks", "num_fewshot", "include_path", "bootstrap_iters"):
         only_with(typed.lm_eval, name, typed.task == "lm_eval", "task=lm_eval", "lm_eval.")
+    require(
+        typed.suite is None or typed.task == "lm_eval", "suite= has no effect without task=lm_eval", "set task=lm_eval"
+    )
     if typed.task == "lm_eval":
-        require(bool(typed.lm_eval.tasks), "task=lm_eval needs tasks", "e.g. lm_eval.tasks=[hellaswag,arc_easy,piqa]")
-        include = typed.lm_eval.include_path
         require(
-            include is None or Path(include).is_dir(),
-            f"lm_eval.include_path={include} is not a directory",
-            "give a directory of task YAML files",
+            bool(typed.lm_eval.tasks) or typed.suite is not None,
+            "task=lm_eval needs tasks or a suite",
+            "e.g. lm_eval.tasks=[hellaswag,arc_easy,piqa] or suite=core_small",
         )
+        validate_include_path(typed.lm_eval.include_path, "lm_eval.include_path")
+        if typed.suite is not None:
+            validate_include_path(typed.suite.include_path, "suite.include_path")
     return typed
 
 
@@ -458,6 +503,7 @@ for group, schema in (
     ("system", SystemConfig),
     ("paths", PathsConfig),
     ("hellaswag", HellaswagConfig),
+    ("suite", SuiteConfig),
 ):
     store.store(group=f"schema/{group}", name="default", node=schema)
 for script, schema in (

@@ -68,26 +68,37 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def lm_eval_tasks(model: GPT, tokenizer: Tokenizer, cfg: EvalConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """lm-eval's tasks through our model: its tables on stdout (rank 0), each task's metrics as the result,
-    and every example's request, answers and scores beside `out`."""
-    from hydragpt.harness import HarnessModel, evaluate_tasks, summary, table
+    """lm-eval's tasks and the suite through our model: its tables on stdout (rank 0), each task's metrics
+    and the suite's score as the result, and every example's request, answers and scores beside `out`."""
+    from hydragpt.harness import HarnessModel, evaluate_tasks, score_suite, summary, table
 
     lm = HarnessModel(model, tokenizer, cfg.batch_size, dtype)
     options = cfg.lm_eval
-    results = evaluate_tasks(
-        lm, options.tasks, options.num_fewshot, cfg.limit, options.include_path, options.bootstrap_iters
-    )
-    if results is None:  # ranks other than 0
+    runs = []
+    if options.tasks:
+        runs.append(
+            evaluate_tasks(
+                lm, options.tasks, options.num_fewshot, cfg.limit, options.include_path, options.bootstrap_iters
+            )
+        )
+    suite, suite_runs = score_suite(lm, cfg.suite, options.bootstrap_iters) if cfg.suite else ({}, [])
+    runs = [r for r in runs + suite_runs if r is not None]
+    if not runs:  # ranks other than 0
         return {}
-    print(table(results), flush=True)
+    for results in runs:
+        print(table(results), flush=True)
     if cfg.out:
-        records = [{"task": task, **sample} for task, samples in results["samples"].items() for sample in samples]
+        records = [{"task": t, **s} for results in runs for t, samples in results["samples"].items() for s in samples]
         Path(f"{cfg.out}.examples.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    return {
+    result: dict[str, Any] = {
         "task": "lm_eval",
-        "results": summary(results),
-        "n": {k: v["effective"] for k, v in results["n-samples"].items()},
+        "results": {task: metrics for results in runs for task, metrics in summary(results).items()},
+        "n": {task: n["effective"] for results in runs for task, n in results["n-samples"].items()},
     }
+    if suite:
+        print(f"{suite['name']}: {suite['score']:.4f} (mean of {len(suite['centred'])} centred scores)", flush=True)
+        result["suite"] = suite
+    return result
 
 
 def dataset_to_score(cfg: EvalConfig, ckpt: dict[str, Any]) -> TokenDataset:

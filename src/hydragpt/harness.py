@@ -16,6 +16,7 @@ lm-eval is an optional dependency (`pip install 'hydragpt[eval]'`): `import lm_e
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hydragpt.config import SuiteConfig
 from hydragpt.data.tokenizer import Tokenizer
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
@@ -258,7 +260,7 @@ def evaluate_tasks(
 ) -> dict[str, Any] | None:
     """lm-eval's own evaluation of `lm` on `tasks` (names of its tasks or groups, or of YAML task files'
     tasks under `include_path`): its results dict with every sample on rank 0, None on the others."""
-    manager = _task_manager(tasks, include_path)
+    manager = _task_manager(tuple(tasks), include_path)
     unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:
         where = f" (nor under include_path={include_path})" if include_path else ""
@@ -277,14 +279,42 @@ def evaluate_tasks(
     )
 
 
-def _task_manager(tasks: list[str], include_path: str | None) -> TaskManager:
+@functools.cache
+def _task_manager(tasks: tuple[str, ...], include_path: str | None) -> TaskManager:
     """The tasks under `include_path` alone when they are all that is asked for: indexing lm-eval's own
-    thousands of task files takes about 10 s."""
+    thousands of task files takes about 10 s (once per process: training's evaluations reuse it)."""
     if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(local.match_tasks([task]) for task in tasks):
             return local
     return TaskManager(include_path=include_path)
+
+
+def score_suite(lm: HarnessModel, suite: SuiteConfig, bootstrap_iters: int) -> tuple[dict[str, Any], list[dict]]:
+    """The suite's score on rank 0 ({} on the others): each task's metric, the same centred on its random
+    baseline, and their mean; with lm-eval's results, one per few-shot count the suite uses."""
+    values: dict[str, float] = {}
+    runs = []
+    for shots in sorted({t.num_fewshot for t in suite.tasks}):
+        tasks = [t for t in suite.tasks if t.num_fewshot == shots]
+        results = evaluate_tasks(lm, [t.task for t in tasks], shots, suite.limit, suite.include_path, bootstrap_iters)
+        if results is None:  # ranks other than 0
+            continue
+        runs.append(results)
+        for t in tasks:
+            metrics = results["results"][t.task]
+            if f"{t.metric},none" not in metrics:
+                named = sorted({k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k})
+                raise UserError(
+                    f"suite {suite.name}: task {t.task} has no metric {t.metric}",
+                    f"use one of: {', '.join(named)}",
+                )
+            values[t.task] = float(metrics[f"{t.metric},none"])
+    if not runs:
+        return {}, []
+    centred = {t.task: (values[t.task] - t.random_baseline) / (1 - t.random_baseline) for t in suite.tasks}
+    score = {"name": suite.name, "score": sum(centred.values()) / len(centred), "centred": centred, "metrics": values}
+    return score, runs
 
 
 def summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 from hydragpt.errors import UserError
-from hydragpt.loggers import METRICS_FILE, read_metrics
+from hydragpt.loggers import METRICS_FILE, is_suite_score, read_metrics
 
 PLOT_FILE = Path("plots") / "metrics.png"
 SWEEP_PLOT_FILE = "val_loss.png"
@@ -45,11 +45,14 @@ def plot_run(run_dir: Path) -> Path:
     loss_ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
     loss_ax.set(title="loss", xlabel="iter")
     loss_ax.legend(loc="upper left")
-    hellaswag = [r for r in evals if "hellaswag_acc_norm" in r]
-    if hellaswag:  # train.hellaswag_interval: accuracy on its own axis, on the right
-        acc_ax = loss_ax.twinx()
-        acc_ax.plot([r["iter"] for r in hellaswag], [r["hellaswag_acc_norm"] for r in hellaswag], "s--", color="C3")
-        acc_ax.set(ylabel="HellaSwag acc_norm")
+    scores = sorted({k for r in evals for k in r if k == "hellaswag_acc_norm" or is_suite_score(k)})
+    if scores:  # train.hellaswag_interval, train.eval_suite_interval: scores on their own axis, on the right
+        score_ax = loss_ax.twinx()
+        for n, key in enumerate(scores):
+            scored = [r for r in evals if key in r]
+            score_ax.plot([r["iter"] for r in scored], [r[key] for r in scored], "s--", color=f"C{3 + n}", label=key)
+        score_ax.set(ylabel="score")
+        score_ax.legend(loc="upper right")
     lr_ax.plot([r["iter"] for r in steps], [r["lr"] for r in steps])
     lr_ax.set(title="learning rate", xlabel="iter")
     norm_ax.plot([r["iter"] for r in steps], [r["grad_norm"] for r in steps])

@@ -25,6 +25,7 @@ from hydragpt.config import (
     DataConfig,
     HellaswagConfig,
     PathsConfig,
+    SuiteConfig,
     SystemConfig,
     check_choice,
     invalid_value,
@@ -32,6 +33,7 @@ from hydragpt.config import (
     require,
     to_dataclass,
     validate_device,
+    validate_include_path,
     validate_seed,
 )
 from hydragpt.engine import optim, parallel, schedule  # noqa: F401
@@ -83,6 +85,9 @@ class TrainLoopConfig:
     crop_block_size: Optional[int] = None  # with init_from: shorten the checkpoint's context to this many tokens
     hellaswag_interval: Optional[int] = None  # also score HellaSwag at evaluations whose step is a multiple of this
     hellaswag_examples: Optional[int] = None  # score only the first this many HellaSwag examples (null: all 10,042)
+    eval_suite_interval: Optional[int] = (
+        None  # also score the suite (suite=core_small) at evaluations whose step is a multiple of this
+    )
     sample_interval: Optional[int] = None  # also write a sample at evaluations whose step is a multiple of this
     sample_start: str = "\n"  # the in-training samples' prompt
     sample_tokens: int = 200  # tokens per in-training sample
@@ -135,6 +140,7 @@ class TrainLoopConfig:
             )
         at_evaluations("train.hellaswag_interval", self.hellaswag_interval, self.eval_interval, "HellaSwag is scored")
         at_evaluations("train.sample_interval", self.sample_interval, self.eval_interval, "samples are written")
+        at_evaluations("train.eval_suite_interval", self.eval_suite_interval, self.eval_interval, "suites are scored")
         require(
             1 <= self.sample_tokens <= MAX_NEW_TOKENS,
             f"train.sample_tokens must be in [1, {MAX_NEW_TOKENS:,}], got {self.sample_tokens}",
@@ -181,6 +187,7 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hellaswag: HellaswagConfig = field(default_factory=HellaswagConfig)
+    suite: Optional[SuiteConfig] = None  # a benchmark suite of conf/suite/, for train.eval_suite_interval
     resume: Optional[str] = None  # a run directory to continue exactly where it stopped (its config + these overrides)
 
     def __post_init__(self) -> None:
@@ -193,6 +200,20 @@ class TrainConfig:
         at_evaluations(
             "checkpoint.keep_every", self.checkpoint.keep_every, self.train.eval_interval, "checkpoints are written"
         )
+        scores_suite = self.train.eval_suite_interval is not None
+        require(
+            scores_suite == (self.suite is not None),
+            "train.eval_suite_interval and suite= go together",
+            "give both, e.g. suite=core_small train.eval_suite_interval=1000, or neither",
+        )
+        require(
+            not (scores_suite and isinstance(self.ddp, parallel.FullySharded)),
+            "train.eval_suite_interval cannot run under ddp=fsdp: lm-eval's requests give the ranks different"
+            " numbers of forward passes, and a sharded forward needs them all",
+            "score the suite on saved checkpoints instead: python scripts/eval.py task=lm_eval suite=<name> ckpt=<run>",
+        )
+        if scores_suite:
+            validate_include_path(self.suite.include_path, "suite.include_path")  # type: ignore[union-attr]
         if isinstance(self.optim, optim.Muon):  # a tied head is the token table, which takes embedding_lr
             only_with(self.optim, "head_lr", not self.model.tie_embeddings, "model.tie_embeddings=false", "optim.")
 

@@ -24,7 +24,7 @@ from hydragpt.engine.batch_size import largest_micro_batch
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
 from hydragpt.engine.checkpointer import Checkpointer, TrainState
 from hydragpt.engine.distributed import DistEnv, broadcast_object
-from hydragpt.engine.evaluators import Evaluator, HellaswagAccuracy, SplitLoss, TextSamples
+from hydragpt.engine.evaluators import Evaluator, HellaswagAccuracy, SplitLoss, SuiteScore, TextSamples
 from hydragpt.engine.metrics import peak_flops
 from hydragpt.engine.preemption import StopSignals
 from hydragpt.engine.system import (
@@ -173,6 +173,10 @@ def build_trainer(
         evaluators.append(
             HellaswagAccuracy(examples, cfg.hellaswag.method, data.tokenizer, t.hellaswag_interval, device, dtype, env)
         )
+    if t.eval_suite_interval and cfg.suite is not None:
+        import hydragpt.harness  # noqa: F401  (lm-eval missing is an error now, not at the first evaluation)
+
+        evaluators.append(SuiteScore(model, cfg.suite, data.tokenizer, t.batch_size, t.eval_suite_interval, dtype))
     if t.sample_interval:
         evaluators.append(
             TextSamples(

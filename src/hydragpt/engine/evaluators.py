@@ -3,6 +3,8 @@
 - `SplitLoss`: the mean loss over `eval_iters` fixed batches of each split (the same windows every time),
   and its bits per byte (`bits_per_byte`), which compares models across tokenizers.
 - `HellaswagAccuracy`: HellaSwag acc and acc_norm, at the evaluations whose step is a multiple of its interval.
+- `SuiteScore`: a benchmark suite through lm-eval (conf/suite/), at the evaluations whose step is a multiple
+  of its interval: the suite's centred mean as `suite/<name>`, each task's metric as `suite/<name>/<task>`.
 - `TextSamples`: a continuation of a fixed prompt, written to samples/iter_<step>.txt and the log, so a run
   shows what its model says as it learns; it adds no numbers.
 
@@ -20,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from hydragpt.config import SampleConfig
+from hydragpt.config import SampleConfig, SuiteConfig
 from hydragpt.data.dataset import SPLITS, TokenDataset
 from hydragpt.data.loader import evaluation_batches
 from hydragpt.data.tokenizer import Tokenizer, encode_prompt
@@ -97,6 +99,31 @@ class HellaswagAccuracy:
         with autocast(self.device, self.dtype):
             scores, _ = hellaswag_scores(model, self.tokenizer, self.examples, self.method, self.env, progress=False)
         return {"hellaswag_acc": scores["acc"], "hellaswag_acc_norm": scores["acc_norm"]}
+
+
+@dataclass
+class SuiteScore:
+    """lm-eval splits the requests over the ranks and gathers the answers on rank 0, which alone has the
+    numbers; the bare model runs them, since their shapes vary from request to request."""
+
+    model: GPT
+    suite: SuiteConfig
+    tokenizer: Tokenizer
+    batch_size: int
+    interval: int
+    dtype: torch.dtype
+
+    def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
+        if not due(step, self.interval, final):
+            return {}
+        from hydragpt.harness import HarnessModel, score_suite
+
+        with autocast(next(self.model.parameters()).device, self.dtype):
+            score, _ = score_suite(HarnessModel(self.model, self.tokenizer, self.batch_size, self.dtype), self.suite, 0)
+        if not score:  # ranks other than 0
+            return {}
+        name = f"suite/{self.suite.name}"
+        return {name: score["score"], **{f"{name}/{task}": value for task, value in score["metrics"].items()}}
 
 
 @dataclass

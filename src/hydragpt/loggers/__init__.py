@@ -65,6 +65,11 @@ def _relative_name(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
 
 
+def is_suite_score(key: str) -> bool:
+    """`suite/<name>` in an evaluation record, a suite's centred mean (`suite/<name>/<task>` is a task's)."""
+    return key.startswith("suite/") and key.count("/") == 1
+
+
 class ConsoleLogger:
     """One human-readable line per record, through `logging` (console and train.log)."""
 
@@ -74,13 +79,17 @@ class ConsoleLogger:
                 f", hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else ""
             )
             bpb = f" ({record['val_bpb']:.4f} bits per byte)" if "val_bpb" in record else ""
+            suites = "".join(
+                f", {key.removeprefix('suite/')} {value:.4f}" for key, value in record.items() if is_suite_score(key)
+            )
             log.info(
-                "eval at iter %d: train loss %.4f, val loss %.4f%s%s",
+                "eval at iter %d: train loss %.4f, val loss %.4f%s%s%s",
                 record["iter"],
                 record["train_loss"],
                 record["val_loss"],
                 bpb,
                 hellaswag,
+                suites,
             )
             return
         mfu = f", mfu {100 * record['mfu']:.2f}%" if record.get("mfu") is not None else ""
