@@ -32,7 +32,8 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SEED_TIKTOKEN_CACHE = REPO.parent / "shared" / "tools" / "seed-tiktoken-cache"
 # GPT-2's vocab.bpe and encoder.json, for a Hugging Face tokenizer built offline without our code.
 GPT2_BPE_FILES = REPO.parent / "shared" / "data" / "gpt2-bpe"
-# A small, fast model and run for tests: seconds on a CPU (plots, a second of matplotlib, only where asked).
+# A small, fast model and run for tests: seconds on a CPU (plots, a second of matplotlib, and the report, a
+# checkpoint load and samples, only where asked).
 DEBUG_RUN = [
     "model=debug",
     "system=cpu",
@@ -40,6 +41,7 @@ DEBUG_RUN = [
     "train.eval_iters=2",
     "train.log_interval=1",
     "train.plot=false",
+    "train.report=false",
 ]
 
 

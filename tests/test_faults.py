@@ -148,7 +148,12 @@ def test_sigterm_saves_the_step_and_resume_is_exact(
         assert proc.returncode == 1 and f"exitcode  : {PREEMPTED_EXIT}" in err, err
         assert f"[rank 1] WARNING hydragpt.train: stopped by SIGTERM after iter {step - 1} of 60" in err
         assert stopped.group(1) == "a stop signal to another rank"  # rank 0, which wrote the log, stopped with it
-    assert not (run_dir / "plots").exists()  # plots wait for the end of training
+    assert not (run_dir / "plots").exists() and not (run_dir / "report.md").exists()  # they wait for the end
+    report = run_script("report", f"run={run_dir}", "samples=1", "sample_tokens=20")
+    assert report.returncode == 0, report.stderr
+    assert (run_dir / "report.md").read_text().splitlines()[2] == (
+        f"**Stopped** at step {step} of 60; `python scripts/train.py resume={run_dir}` continues it."
+    )
     assert max(training_losses(run_dir)) < step  # nothing past the checkpoint
     resume_cmd = command(data_dir, run_dir, f"resume={run_dir}", nproc=nproc)
     resume = subprocess.run(resume_cmd, capture_output=True, text=True)

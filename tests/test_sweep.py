@@ -50,6 +50,21 @@ def test_four_job_sweep_with_a_failing_job(data_dir: Path, tmp_path: Path) -> No
 
     plotted = run_script("plot", f"sweep={sweep}")
     assert plotted.returncode == 0, plotted.stderr
+
+    reported = run_script("report", f"run={sweep}")
+    assert reported.returncode == 0, reported.stderr
+    report = (sweep / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[:3] for line in table] == [
+        ["| 0", "optim.lr=0.001", "completed"],
+        ["| 1", "optim.lr=0.0003", "completed"],
+        ["| 2", "optim.lr=-1", "failed"],
+        ["| 3", "optim.lr=0.0001", "completed"],
+    ]
+    for line, row in zip(table, rows, strict=True):
+        if row["status"] == "completed":
+            assert f"| {float(row['final_val_loss']):.4f} | {float(row['best_val_loss']):.4f} |" in line
+    assert "![every job's val loss](val_loss.png)" in report
     assert (sweep / "val_loss.png").stat().st_size > 10_000
 
 

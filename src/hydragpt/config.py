@@ -297,6 +297,17 @@ class PlotConfig:
     sweep: Optional[str] = None  # a multirun directory: writes <sweep>/val_loss.png with every job's val loss curve
 
 
+@dataclass
+class ReportConfig:
+    """scripts/report.py: report.md for a run (config, hardware, speed, evaluations, curves, samples) or a
+    sweep (its jobs side by side)."""
+
+    run: str = MISSING  # a run directory, or a sweep's (multirun/<date>/<time>): writes <run>/report.md
+    samples: int = 2  # continuations from the newest checkpoint when the run wrote no samples itself (0: none)
+    sample_tokens: int = 100  # tokens per such sample
+    plot: bool = True  # draw plots/metrics.png first when the run has none yet
+
+
 Schema = TypeVar("Schema")
 
 
@@ -487,6 +498,17 @@ def export_config(cfg: DictConfig) -> ExportConfig:
     return typed
 
 
+def report_config(cfg: DictConfig) -> ReportConfig:
+    typed = to_dataclass(cfg, ReportConfig)
+    require(Path(typed.run).is_dir(), f"run={typed.run} is not a directory", "give a run or sweep directory")
+    require(
+        1 <= typed.sample_tokens <= MAX_NEW_TOKENS,
+        f"sample_tokens must be in [1, {MAX_NEW_TOKENS:,}], got {typed.sample_tokens}",
+        "e.g. sample_tokens=100",
+    )
+    return typed
+
+
 def plot_config(cfg: DictConfig) -> PlotConfig:
     typed = to_dataclass(cfg, PlotConfig)
     require(
@@ -514,5 +536,6 @@ for script, schema in (
     ("eval", EvalConfig),
     ("export", ExportConfig),
     ("plot", PlotConfig),
+    ("report", ReportConfig),
 ):
     store.store(group="schema", name=script, node=schema)

@@ -92,6 +92,7 @@ class TrainLoopConfig:
     sample_start: str = "\n"  # the in-training samples' prompt
     sample_tokens: int = 200  # tokens per in-training sample
     plot: bool = True  # write plots/metrics.png at the end of training
+    report: bool = True  # and report.md (scripts/report.py writes it at any time)
 
     def __post_init__(self) -> None:
         require(self.max_iters >= 0, "train.max_iters must be >= 0", "set a non-negative count")

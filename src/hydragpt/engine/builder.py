@@ -39,6 +39,7 @@ from hydragpt.errors import UserError
 from hydragpt.evaluation import load_hellaswag
 from hydragpt.loggers import MetricsLogger, build_loggers, run_info, trim_metrics
 from hydragpt.model import GPT, GPTConfig
+from hydragpt.report import machine, record_session
 from hydragpt.train_config import TrainConfig, grad_accum_steps, sequences_per_rank
 
 log = logging.getLogger("hydragpt.train")
@@ -211,6 +212,7 @@ def build_trainer(
         skip_nonfinite=t.skip_nonfinite,
         eval_only=t.eval_only,
         plot=t.plot,
+        report=t.report,
     )
     trainer = Trainer(
         loop=loop,
@@ -235,6 +237,21 @@ def build_trainer(
         stop=stop or StopSignals([]),
     )
     _log_setup(cfg, run_dir, model, data, loop, state, env, device, dtype)
+    if env.is_main and not t.eval_only:
+        record_session(
+            run_dir,
+            {
+                "start_iter": state.step,
+                "max_iters": max_iters,
+                "world_size": env.world_size,
+                "dtype": str(dtype).removeprefix("torch."),
+                "compile": cfg.system.compile,
+                "parameters": model.num_params(),
+                "flops_per_token": model.flops_per_token(),
+                "tokens_per_step": state.tokens_per_step,
+                **machine(device),
+            },
+        )
     return trainer
 
 

@@ -36,6 +36,7 @@ from hydragpt.errors import UserError
 from hydragpt.loggers import MetricsLogger, close_loggers
 from hydragpt.model import GPT
 from hydragpt.plot import plot_run
+from hydragpt.report import write_run_report
 
 log = logging.getLogger("hydragpt.train")
 
@@ -56,6 +57,7 @@ class Loop:
     skip_nonfinite: int
     eval_only: bool
     plot: bool
+    report: bool
 
 
 class Trainer:
@@ -214,8 +216,11 @@ class Trainer:
             failed = False
         finally:
             close_loggers(self.loggers, failed)  # a tracker's run ends here, also when training fails
-        if not self.loop.eval_only and self.loop.plot and self.env.is_main and self.stopped_by is None:
+        finished = not self.loop.eval_only and self.env.is_main and self.stopped_by is None
+        if finished and self.loop.plot:
             log.info("plots: %s", plot_run(self.run_dir))
+        if finished and self.loop.report:
+            log.info("report: %s", write_run_report(self.run_dir, device=self.device))
         return self.state.best_val_loss
 
     def _train_loop(self) -> None:
