@@ -54,8 +54,9 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default
 class HarnessModel(TemplateLM):
     """A loaded GPT and its tokenizer as an lm-eval model.
 
-    From the lm-eval command line: `lm_eval --model hydragpt --model_args ckpt=<run dir or .pt>` (or
-    `init_from=gpt2`, `init_from=hf:<dir>`), after `import hydragpt.harness` registers it.
+    scripts/eval.py task=lm_eval builds it from a loaded model; from Python, after `import hydragpt.harness`,
+    `lm_eval.simple_evaluate(model="hydragpt", model_args="ckpt=<run dir or .pt>", ...)` (or `init_from=gpt2`,
+    `init_from=hf:<dir>`) builds it from its arguments.
     """
 
     def __init__(
@@ -121,11 +122,13 @@ class HarnessModel(TemplateLM):
         self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
         """For each (key, context tokens, continuation tokens): the continuation's summed log-probability
-        and whether each of its tokens is the argmax. A context too long for the block keeps its end."""
+        and whether each of its tokens is the argmax. A context too long for the block keeps its end (a
+        continuation longer than the block: its last block_size tokens are scored)."""
         windows = []
         for key, context, continuation in requests:
             window = (context + continuation)[-(self.max_length + 1) :]
-            windows.append((key, window[:-1], len(continuation), continuation))
+            scored = continuation[-(len(window) - 1) :]
+            windows.append((key, window[:-1], len(scored), scored))
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i][1]))  # similar lengths batch together
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(windows)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
