@@ -8,6 +8,8 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 # Extra Hydra overrides for train.py / sample.py, e.g. `make train ARGS="train.max_iters=500"`.
 ARGS ?=
+# pytest workers (pytest-xdist), each running whole test modules: most tests wait on the processes they start.
+TEST_WORKERS ?= 2
 # Local path or URL of the raw corpus, e.g. `make train SOURCE=~/input.txt` (default: download).
 SOURCE ?=
 PREPARE_ARGS := $(if $(SOURCE),data.source=$(SOURCE),)
@@ -35,11 +37,11 @@ sample: install
 # PYTHONDONTWRITEBYTECODE is set, Python never caches what it compiles).
 test: install
 	$(BIN)/python -m compileall -q src tests
-	$(BIN)/python -m pytest -m "not slow" -q --durations=15
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 test-all: install
 	$(BIN)/python -m compileall -q src tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 lint: install
 	$(BIN)/ruff check .
