@@ -4,6 +4,7 @@ hand-written HellaSwag against lm-eval's hellaswag task, offline, on tasks and d
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,33 @@ def test_without_lm_eval_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(UserError, match=r"needs EleutherAI's lm-evaluation-harness") as raised:
         import hydragpt.harness  # noqa: F401
     assert raised.value.fix == "pip install 'hydragpt[eval]' (or pip install lm-eval)"
+
+
+def test_a_task_whose_dataset_cannot_be_downloaded_is_one_error_line(gpt2_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    head = TASK.format(name="hub_only", split="test", data="x.jsonl", cache=tmp_path / "cache")
+    body = MULTIPLE_CHOICE.format().replace("output_type", "dataset_name: null\noutput_type")
+    (tmp_path / "tasks" / "hub_only.yaml").write_text(
+        head.replace("dataset_path: json", "dataset_path: nobody/no_such_dataset").replace(
+            "  data_files:\n    test: x.jsonl\n", ""
+        )
+        + body
+    )
+    result = run_script(
+        "eval",
+        f"init_from=hf:{gpt2_dir / 'gpt2'}",
+        "task=lm_eval",
+        "lm_eval.tasks=[hub_only]",
+        f"lm_eval.include_path={tmp_path / 'tasks'}",
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},  # read when the Hub's client is imported: a fresh process
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: cannot load the data of lm-eval task(s) hub_only: ")
+        and "Traceback" not in result.stderr
+    )
+    assert last.endswith("(dataset_path: json, dataset_kwargs.data_files) under lm_eval.include_path)")
 
 
 @pytest.mark.slow

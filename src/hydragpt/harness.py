@@ -271,15 +271,29 @@ def evaluate_tasks(
             f"lm-eval has no task {', '.join(unknown)}{where}",
             "check the names (lm_eval --tasks list shows them), or give lm_eval.include_path=<dir of task YAMLs>",
         )
-    return simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=True,
-        bootstrap_iters=bootstrap_iters,
-    )
+    try:
+        return simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=True,
+            bootstrap_iters=bootstrap_iters,
+        )
+    except Exception as ex:
+        if not _is_download_error(ex):
+            raise
+        raise UserError(
+            f"cannot load the data of lm-eval task(s) {', '.join(tasks)}: {str(ex).splitlines()[0]}",
+            "connect to the Hugging Face Hub once (datasets caches what it downloads), or define the task over"
+            " local files (dataset_path: json, dataset_kwargs.data_files) under lm_eval.include_path",
+        ) from ex
+
+
+def _is_download_error(ex: Exception) -> bool:
+    """A task's dataset that the Hub could not give: the network, a wrong name, offline mode."""
+    return isinstance(ex, ConnectionError) or type(ex).__module__.split(".")[0] in ("datasets", "huggingface_hub")
 
 
 @functools.cache
