@@ -104,7 +104,9 @@ def test_hellaswag_matches_a_reference_computed_by_hand(trained_run: Path, hella
             sums, norms = [], []
             for ending in example["endings"]:
                 ending_ids = tokenizer.encode(" " + ending)
-                ids = torch.tensor(context + ending_ids)[-model.config.block_size :]  # a long context keeps its end
+                ids = torch.tensor(context + ending_ids)[
+                    -(model.config.block_size + 1) :
+                ]  # a long context keeps its end
                 logits, _ = model(ids[None, :-1])
                 losses = F.cross_entropy(logits[0], ids[1:], reduction="none")[-len(ending_ids) :]
                 sums.append(losses.sum().item())

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from hydragpt.loggers import read_metrics
 from tests.helpers import hf_gpt2, hf_gpt2_tokenizer, run_script, torchrun
@@ -197,6 +198,7 @@ def test_lm_eval_knobs_are_refused_where_they_do_nothing(tmp_path: Path) -> None
     cases = {
         ("task=lm_eval",): "error: task=lm_eval needs tasks or a suite (e.g. lm_eval.tasks=[hellaswag,arc_easy,piqa]",
         ("suite=core_small",): "error: suite= has no effect without task=lm_eval (set task=lm_eval)",
+        ("task=lm_eval", "suite=core_small", "limit=5"): "error: limit=5 has no effect without lm_eval.tasks (a suite",
         ("lm_eval.tasks=[piqa]",): "error: lm_eval.tasks=['piqa'] has no effect without task=lm_eval",
         ("task=lm_eval", "lm_eval.tasks=[piqa]", f"lm_eval.include_path={tmp_path / 'none'}"): (
             f"error: lm_eval.include_path={tmp_path / 'none'} is not a directory (give a directory of task YAML files)"
@@ -318,3 +320,34 @@ def test_a_suite_in_training_is_refused_where_it_cannot_run(train_run) -> None:
     for overrides, error in cases.items():
         result = train_run(*overrides)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(error), result.stderr
+
+
+def test_log_likelihoods_of_an_empty_context_and_of_a_continuation_longer_than_the_block() -> None:
+    """An empty context scores the continuation after the end-of-text token; a continuation longer than
+    the block scores its last block_size tokens, each with the tokens before it as context."""
+    import torch.nn.functional as F
+
+    from hydragpt.data.tokenizer import CharTokenizer
+    from hydragpt.harness import HarnessModel
+    from hydragpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer("\n abcdefgh")
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=16, bias=True)).eval()
+    lm = HarnessModel(model, tokenizer, batch_size=2)
+
+    def reference(window: list[int], n: int) -> float:
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([window[:-1]]))
+        log_probs = F.log_softmax(logits[0, :, : tokenizer.vocab_size], dim=-1)
+        targets = torch.tensor(window[1:])
+        return log_probs[-n:].gather(-1, targets[-n:, None]).sum().item()
+
+    long = tokenizer.encode("abcdefghabcdefgh")  # 16 tokens, the block is 8
+    short = tokenizer.encode("ab cd")
+    (empty, _), (longer, _), (plain, _) = lm._loglikelihood_tokens(
+        [(None, [], short), (None, tokenizer.encode("h"), long), (None, tokenizer.encode("gh"), short)]
+    )
+    assert empty == pytest.approx(reference([lm.prefix_token_id, *short], len(short)), abs=1e-5)
+    assert longer == pytest.approx(reference(long[-9:], 8), abs=1e-5)
+    assert plain == pytest.approx(reference(tokenizer.encode("gh") + short, len(short)), abs=1e-5)

@@ -60,3 +60,14 @@ def test_report_refuses_what_is_not_a_run(tmp_path: Path) -> None:
     assert missing.stderr.strip().splitlines()[-1].startswith(f"error: run={tmp_path / 'nothing'} is not a directory")
     empty = run_script("report", f"run={tmp_path}")
     assert empty.returncode == 2 and f"error: {tmp_path / 'metrics.jsonl'} not found" in empty.stderr
+
+
+def test_wall_time_adds_each_process_of_a_resumed_run() -> None:
+    """Records in file order; a resume keeps the first process's evaluation at the step it resumes from,
+    and the second process counts its time from its own start."""
+    from hydragpt.report import wall_seconds
+
+    first = [{"iter": 0, "time": 1.0}, {"iter": 1, "time": 5.0}, {"iter": 2, "time": 9.0}]
+    second = [{"iter": 2, "time": 0.5}, {"iter": 3, "time": 4.0}, {"iter": 4, "time": 7.5}]
+    assert wall_seconds(first + second) == 9.0 + 7.5
+    assert wall_seconds(first) == 9.0 and wall_seconds([]) == 0.0

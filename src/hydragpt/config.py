@@ -487,6 +487,11 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
             "e.g. lm_eval.tasks=[hellaswag,arc_easy,piqa] or suite=core_small",
         )
         validate_include_path(typed.lm_eval.include_path, "lm_eval.include_path")
+        if not typed.lm_eval.tasks:  # a suite alone, which has its own of these
+            needs = "lm_eval.tasks (a suite has suite.limit, suite.include_path and each task's num_fewshot)"
+            only_with(typed, "limit", False, needs)
+            only_with(typed.lm_eval, "num_fewshot", False, needs, "lm_eval.")
+            only_with(typed.lm_eval, "include_path", False, needs, "lm_eval.")
         if typed.suite is not None:
             validate_include_path(typed.suite.include_path, "suite.include_path")
     return typed

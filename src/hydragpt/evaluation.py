@@ -1,4 +1,5 @@
-"""What `scripts/eval.py` runs: a checkpoint's loss over a whole split, or its HellaSwag accuracy.
+"""What `scripts/eval.py` runs: a checkpoint's loss over a whole split, its HellaSwag accuracy, or
+lm-evaluation-harness tasks and suites (through hydragpt.harness).
 
 Under torchrun each rank scores its share (every world_size-th window or example) and the sums are
 all-reduced, so the result is the same on any number of ranks.
@@ -290,7 +291,7 @@ def score_example(
     block = model.config.block_size
     rows = []
     for ending in endings:
-        row = (context + ending)[-block:]  # a context too long for the model keeps its end
+        row = (context + ending)[-(block + 1) :]  # a context too long for the model keeps its end (as lm-eval's)
         rows.append((row, min(len(ending), len(row) - 1)))
     width = max(len(r) for r, _ in rows)
     idx = torch.zeros(len(rows), width, dtype=torch.long)
@@ -299,8 +300,8 @@ def score_example(
         idx[i, : len(row)] = torch.tensor(row)
         mask[i, len(row) - n_ending : len(row)] = True
     idx, mask = idx.to(device), mask.to(device)
-    logits, _ = model(idx)
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
+    logits, _ = model(idx[:, :-1])
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="none")
     sums = (losses.view(len(rows), width - 1) * mask[:, 1:]).sum(dim=1)
     lengths = [len(e) for e in endings_text] if method == "lm_eval" else mask[:, 1:].sum(dim=1).tolist()
     norms = [total / max(1, length) for total, length in zip(sums.tolist(), lengths, strict=True)]

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hydragpt.config import SuiteConfig
 from hydragpt.data.tokenizer import Tokenizer
+from hydragpt.engine.distributed import broadcast_object
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
 from hydragpt.model import GPT
@@ -48,6 +49,7 @@ except ImportError as ex:
 # What generate_until takes from a task's generation_kwargs; anything else is refused, not ignored.
 GENERATION_KWARGS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p"}
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default
+GENERATION_SEED = 1234  # the generator of tasks that sample (do_sample): the same answers every run
 
 
 @register_model("hydragpt")
@@ -65,14 +67,13 @@ class HarnessModel(TemplateLM):
         tokenizer: Tokenizer,
         batch_size: int = 8,
         dtype: torch.dtype = torch.float32,
-        seed: int = 1234,
     ) -> None:
         super().__init__()
         self.model, self._tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.dtype = dtype
         self._device = next(model.parameters()).device
-        self.seed = seed
+        self.vocab_size = tokenizer.vocab_size
         if dist.is_available() and dist.is_initialized():
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
         # A special end-of-text token stands for no text (GPT-2's <|endoftext|>); the char tokenizer's
@@ -96,8 +97,10 @@ class HarnessModel(TemplateLM):
         )
         device = resolve_device(str(args.get("device", extra.get("device", "auto"))), key="device")
         model, tokenizer = load_model(ckpt, device)
-        batch_size = int(args.get("batch_size", extra.get("batch_size") or 8))
-        return cls(model, tokenizer, batch_size, resolve_dtype(str(args.get("dtype", "auto")), device))
+        batch_size = str(args.get("batch_size", extra.get("batch_size") or 8))
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            raise UserError(f"hydragpt model_args: batch_size={batch_size}", "give a number of sequences, e.g. 16")
+        return cls(model, tokenizer, int(batch_size), resolve_dtype(str(args.get("dtype", "auto")), device))
 
     @property
     def eot_token_id(self) -> int:
@@ -126,7 +129,7 @@ class HarnessModel(TemplateLM):
         continuation longer than the block: its last block_size tokens are scored)."""
         windows = []
         for key, context, continuation in requests:
-            window = (context + continuation)[-(self.max_length + 1) :]
+            window = ((context or [self.prefix_token_id]) + continuation)[-(self.max_length + 1) :]
             scored = continuation[-(len(window) - 1) :]
             windows.append((key, window[:-1], len(scored), scored))
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i][1]))  # similar lengths batch together
@@ -139,10 +142,10 @@ class HarnessModel(TemplateLM):
                 idx[row, : len(x)] = torch.tensor(x)
             with autocast(self._device, self.dtype):
                 logits, _ = self.model(idx.to(self._device))
-            log_probs = F.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(batch):
                 key, x, n, continuation = windows[i]
-                scored = log_probs[row, len(x) - n : len(x)]  # the positions that predict the continuation
+                # the positions that predict the continuation, over the tokenizer's ids (not padded rows)
+                scored = F.log_softmax(logits[row, len(x) - n : len(x), : self.vocab_size].float(), dim=-1)
                 target = torch.tensor(continuation, device=self._device)
                 answer = (
                     scored.gather(-1, target[:, None]).sum().item(),
@@ -192,7 +195,7 @@ class HarnessModel(TemplateLM):
             for batch in (members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)):
                 settings = _generation_settings(requests[batch[0]].args[1])
                 prompts = [self._prompt(requests[i].args[0], settings.max_new_tokens) for i in batch]
-                generator = torch.Generator(self._device).manual_seed(self.seed)
+                generator = torch.Generator(self._device).manual_seed(GENERATION_SEED)
                 generated = complete(
                     self.model, self._tokenizer, prompts, settings, generator, self.dtype, end_token=self._end_token
                 )
@@ -274,7 +277,12 @@ def evaluate_tasks(
     try:
         return simple_evaluate(
             model=lm,
-            tasks=tasks,
+            tasks=manager.match_tasks(tasks),  # `arc_*` and the like, expanded
+            # the global RNGs stay as they are (lm-eval reseeds them by default): training's dropout on
+            # each rank goes on after a suite's evaluation as before it
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager,
@@ -293,7 +301,10 @@ def evaluate_tasks(
 
 def _is_download_error(ex: Exception) -> bool:
     """A task's dataset that the Hub could not give: the network, a wrong name, offline mode."""
-    return isinstance(ex, ConnectionError) or type(ex).__module__.split(".")[0] in ("datasets", "huggingface_hub")
+    from datasets.exceptions import DatasetNotFoundError
+
+    hub = type(ex).__module__.split(".")[0] == "huggingface_hub"
+    return isinstance(ex, (ConnectionError, DatasetNotFoundError)) or hub
 
 
 @functools.cache
@@ -312,6 +323,7 @@ def score_suite(lm: HarnessModel, suite: SuiteConfig, bootstrap_iters: int) -> t
     baseline, and their mean; with lm-eval's results, one per few-shot count the suite uses."""
     values: dict[str, float] = {}
     runs = []
+    problem: UserError | None = None  # found on rank 0, raised on every rank (the others would wait for it)
     for shots in sorted({t.num_fewshot for t in suite.tasks}):
         tasks = [t for t in suite.tasks if t.num_fewshot == shots]
         results = evaluate_tasks(lm, [t.task for t in tasks], shots, suite.limit, suite.include_path, bootstrap_iters)
@@ -322,11 +334,13 @@ def score_suite(lm: HarnessModel, suite: SuiteConfig, bootstrap_iters: int) -> t
             metrics = results["results"][t.task]
             if f"{t.metric},none" not in metrics:
                 named = sorted({k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k})
-                raise UserError(
-                    f"suite {suite.name}: task {t.task} has no metric {t.metric}",
-                    f"use one of: {', '.join(named)}",
+                problem = problem or UserError(
+                    f"suite {suite.name}: task {t.task} has no metric {t.metric}", f"use one of: {', '.join(named)}"
                 )
-            values[t.task] = float(metrics[f"{t.metric},none"])
+            else:
+                values[t.task] = float(metrics[f"{t.metric},none"])
+    if problem := broadcast_object(problem):
+        raise problem
     if not runs:
         return {}, []
     centred = {t.task: (values[t.task] - t.random_baseline) / (1 - t.random_baseline) for t in suite.tasks}

@@ -2,7 +2,7 @@
 sweep (its jobs side by side); what `scripts/report.py` writes, and training at its end.
 
 Everything comes from the run directory: the config Hydra recorded, `metrics.jsonl`, `run.json` (the
-hardware and software of every process that trained in it, written when each starts), the plots, the
+hardware and software of each start of training in it, recorded by rank 0 for all ranks), the plots, the
 samples training wrote, and the newest checkpoint, which a report may sample from.
 """
 
@@ -15,23 +15,23 @@ import os
 import platform
 import socket
 import statistics
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from hydragpt.engine.checkpoint import CHECKPOINT_DIR
+from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint, resolve_checkpoint_path
 from hydragpt.errors import UserError
-from hydragpt.loggers import METRICS_FILE, is_suite_score, read_metrics
+from hydragpt.loggers import METRICS_FILE, is_suite_score, read_metrics, tokens_per_sec
+from hydragpt.plot import PLOT_FILE
 
 log = logging.getLogger("hydragpt.report")
 
 REPORT_FILE = "report.md"
 SESSIONS_FILE = "run.json"  # a list: one entry per process that trained in the run directory
 SWEEP_MARKER = "multirun.yaml"  # what Hydra writes at a sweep's root
-PLOT = "plots/metrics.png"
-SWEEP_PLOT = "val_loss.png"
 
 
 def record_session(run_dir: Path, facts: dict[str, Any]) -> None:
@@ -50,8 +50,10 @@ def machine(device: torch.device) -> dict[str, Any]:
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_model() or platform.processor() or platform.machine()
-    from importlib.metadata import version
-
+    try:
+        package = version("hydragpt")
+    except PackageNotFoundError:  # run from a source tree that pip did not install
+        package = "unknown"
     return {
         "device": str(device),
         "device_name": name,
@@ -60,7 +62,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "hydragpt": version("hydragpt"),
+        "hydragpt": package,
     }
 
 
@@ -83,15 +85,12 @@ def write_run_report(
     records = read_metrics(run_dir)
     sessions = _sessions(run_dir)
     config = _config(run_dir)
-    steps = [r for r in records if "loss" in r and "val_loss" not in r]
     evals = [r for r in records if "val_loss" in r]
-    lines = [f"# Run report: {run_dir}", "", _status(run_dir, sessions), ""]
-    lines += [
-        "## Summary",
-        "",
-        *_table(["", "value"], [[k, v] for k, v in _summary(sessions, steps, evals).items()]),
-        "",
-    ]
+    checkpoint = _newest_checkpoint(run_dir)
+    reached = load_checkpoint(checkpoint, mmap=True, require=("step",))["step"] if checkpoint else None
+    summary = _summary(sessions, records, reached)
+    lines = [f"# Run report: {run_dir}", "", _status(run_dir, sessions, reached), ""]
+    lines += ["## Summary", "", *_table(["", "value"], [[k, v] for k, v in summary.items()]), ""]
     lines += ["## Hardware and software", ""]
     lines += _table(
         ["started", "from step", "device", "ranks", "precision", "torch", "host"],
@@ -109,10 +108,10 @@ def write_run_report(
         ],
     )
     lines += ["", "## Loss curves", ""]
-    if (run_dir / PLOT).is_file():
-        lines += [f"![loss, learning rate, gradient norm and tokens/s]({PLOT})", ""]
+    if (run_dir / PLOT_FILE).is_file():
+        lines += [f"![loss, learning rate, gradient norm and tokens/s]({PLOT_FILE})", ""]
     else:
-        lines += [f"(no plot yet: `python scripts/plot.py run={run_dir}` draws {PLOT})", ""]
+        lines += [f"(no plot yet: `python scripts/plot.py run={run_dir}` draws {PLOT_FILE})", ""]
     lines += ["## Evaluations", "", *_evaluations(evals), ""]
     lines += ["## Samples", "", *_samples(run_dir, samples, sample_tokens, device or torch.device("cpu"))]
     lines += ["## Config", ""]
@@ -135,10 +134,8 @@ def _sessions(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{path} not found", "give a run directory written by scripts/train.py")
-    return yaml.safe_load(path.read_text()) or {}
+    path = run_dir / ".hydra" / "config.yaml"  # absent where hydra.output_subdir=null
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -146,34 +143,38 @@ def _overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
 
 
-def _status(run_dir: Path, sessions: list[dict[str, Any]]) -> str:
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a resume or sample.py would read (the later of last.pt and best.pt), if any."""
+    has_one = any((run_dir / CHECKPOINT_DIR / name).is_file() for name in ("last.pt", "best.pt"))
+    return resolve_checkpoint_path(run_dir) if has_one else None
+
+
+def _status(run_dir: Path, sessions: list[dict[str, Any]], reached: int | None) -> str:
     """Finished, or stopped at which step of how many (its newest checkpoint's), and how to continue it."""
     planned = sessions[-1].get("max_iters") if sessions else None
-    checkpoint = run_dir / CHECKPOINT_DIR / "last.pt"
-    if not checkpoint.is_file():
+    if reached is None:
         return "**No checkpoint yet**: the run has not reached its first evaluation."
-    reached = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)["step"]
     if planned is not None and reached >= planned:
         return f"**Finished**: {planned:,} steps."
     of = f" of {planned:,}" if planned is not None else ""
     return f"**Stopped** at step {reached:,}{of}; `python scripts/train.py resume={run_dir}` continues it."
 
 
-def _summary(
-    sessions: list[dict[str, Any]], steps: list[dict[str, Any]], evals: list[dict[str, Any]]
-) -> dict[str, str]:
+def _summary(sessions: list[dict[str, Any]], records: list[dict[str, Any]], reached: int | None) -> dict[str, str]:
     last = sessions[-1] if sessions else {}
-    speed = [r["tokens_per_sec"] for r in steps[1:] if r.get("tokens_per_sec")]  # the first window warms up
-    mfu = [r["mfu"] for r in steps[1:] if r.get("mfu") is not None]
+    steps = [r for r in records if "loss" in r and "val_loss" not in r]
+    evals = [r for r in records if "val_loss" in r]
+    speed = tokens_per_sec(steps)
+    mfu = [r["mfu"] for r in steps if r.get("mfu") is not None][1:]
     memory = [r["peak_memory_gib"] for r in steps if "peak_memory_gib" in r]
     val = [r["val_loss"] for r in evals]
     summary = {
         "parameters": f"{last['parameters']:,}" if "parameters" in last else "?",
-        "steps": f"{max((r['iter'] for r in evals), default=0):,}",
+        "steps": f"{reached:,}" if reached is not None else "0",
         "tokens": f"{steps[-1]['tokens_seen']:,}" if steps else "0",
-        "wall time": _duration(_wall_seconds(steps + evals)),
+        "wall time": _duration(wall_seconds(records)),
         "training time": _duration(evals[-1]["train_seconds"]) if evals else "?",
-        "tokens/s (median)": f"{statistics.median(speed):,.0f}" if speed else "?",
+        "tokens/s (median)": f"{speed:,.0f}" if speed is not None else "?",
         "MFU (median)": f"{100 * statistics.median(mfu):.1f}%" if mfu else "? (the device's peak is unknown)",
         "final val loss": f"{val[-1]:.4f}" if val else "?",
         "best val loss": f"{min(val):.4f}" if val else "?",
@@ -184,10 +185,11 @@ def _summary(
     return summary
 
 
-def _wall_seconds(records: list[dict[str, Any]]) -> float:
-    """Each process's records count time from its own start: the sum of every process's last time."""
+def wall_seconds(records: list[dict[str, Any]]) -> float:
+    """Each process's records (in file order) count time from its own start: the sum of every process's
+    last time."""
     total, previous = 0.0, 0.0
-    for _, seconds in sorted((r["iter"], r["time"]) for r in records if "time" in r):
+    for seconds in (r["time"] for r in records if "time" in r):
         if seconds < previous:  # a new process (a resume) started counting again
             total += previous
         previous = seconds
@@ -216,17 +218,20 @@ def _samples(run_dir: Path, count: int, tokens: int, device: torch.device) -> li
     written = sorted((run_dir / "samples").glob("iter_*.txt"))[-count:] if count else []
     if written:
         return [line for path in written for line in _text_block(path.stem, path.read_text())]
-    checkpoint = run_dir / CHECKPOINT_DIR / "last.pt"
-    if not count or not checkpoint.is_file():
+    checkpoint = _newest_checkpoint(run_dir)
+    if not count or checkpoint is None:
         return ["(none)"]
     from hydragpt.config import SampleConfig
     from hydragpt.sampling import Settings, complete, load_model
 
-    model, tokenizer = load_model(torch.load(checkpoint, map_location=device, weights_only=True), device)
-    prompt = tokenizer.encode(SampleConfig.start) or [0]
+    model, tokenizer = load_model(load_checkpoint(checkpoint, mmap=True), device)  # weights only on the device
+    try:
+        prompt = tokenizer.encode(SampleConfig.start)
+    except UserError:  # a vocabulary without a newline
+        prompt = []
     settings = Settings(tokens, SampleConfig.temperature, SampleConfig.top_k, SampleConfig.top_p, [], True)
     generator = torch.Generator(device).manual_seed(SampleConfig.seed)
-    texts = complete(model, tokenizer, [prompt] * count, settings, generator, torch.float32)
+    texts = complete(model, tokenizer, [prompt or [0]] * count, settings, generator, torch.float32)
     return [line for n, text in enumerate(texts, start=1) for line in _text_block(f"sample {n}", text)]
 
 
@@ -276,9 +281,9 @@ def write_sweep_report(sweep_dir: Path) -> Path:
     for row in rows:
         job_dir = sweep_dir / str(row["job"])
         records = read_metrics(job_dir) if (job_dir / METRICS_FILE).is_file() else []
-        steps = [r for r in records if "loss" in r and "val_loss" not in r]
-        evals = [r for r in records if "val_loss" in r]
-        summary = _summary(_sessions(job_dir), steps, evals) if records else {}
+        checkpoint = _newest_checkpoint(job_dir)
+        reached = load_checkpoint(checkpoint, mmap=True, require=("step",))["step"] if checkpoint else None
+        summary = _summary(_sessions(job_dir), records, reached) if records else {}
         report = (
             f"[{row['job']}/{REPORT_FILE}]({row['job']}/{REPORT_FILE})" if (job_dir / REPORT_FILE).is_file() else ""
         )

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 
 from hydragpt.engine.distributed import launched_env
 from hydragpt.errors import UserError
-from hydragpt.loggers import METRICS_FILE, RESULT_FILE, read_metrics
+from hydragpt.loggers import METRICS_FILE, RESULT_FILE, read_metrics, tokens_per_sec
 
 SWEPT_FILE = "swept_keys.json"  # at the sweep root: the keys its jobs vary
 
@@ -61,13 +60,12 @@ def job_row(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
     records = _records(run_dir)
     val = [r["val_loss"] for r in records if "val_loss" in r]
     bpb = [r["val_bpb"] for r in records if "val_bpb" in r]
-    speed = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]  # the first window warms up
     return {
         **result,
         "final_val_loss": val[-1] if val else None,
         "best_val_loss": _best(val),
         "final_val_bpb": bpb[-1] if bpb else None,
-        "tokens_per_sec": statistics.median(speed) if speed else None,
+        "tokens_per_sec": tokens_per_sec(records),
     }
 
 

@@ -220,7 +220,15 @@ class Trainer:
         if finished and self.loop.plot:
             log.info("plots: %s", plot_run(self.run_dir))
         if finished and self.loop.report:
-            log.info("report: %s", write_run_report(self.run_dir, device=self.device))
+            try:
+                log.info("report: %s", write_run_report(self.run_dir, device=self.device))
+            except Exception as ex:  # the run itself is done and saved: a report that fails must not fail it
+                log.warning(
+                    "no report.md (%s: %s); python scripts/report.py run=%s writes it",
+                    type(ex).__name__,
+                    ex,
+                    self.run_dir,
+                )
         return self.state.best_val_loss
 
     def _train_loop(self) -> None:

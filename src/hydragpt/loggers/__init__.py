@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +64,12 @@ def run_info(run_dir: Path, output_dir: Path, config: dict[str, Any], run_id: st
 def _relative_name(path: Path, root: Path) -> str:
     path, root = path.resolve(), root.resolve()
     return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
+def tokens_per_sec(records: list[dict[str, Any]]) -> float | None:
+    """The median tokens/s of a run's training records, without the first (its window warms up)."""
+    speed = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]
+    return statistics.median(speed) if speed else None
 
 
 def is_suite_score(key: str) -> bool:
