@@ -328,6 +328,7 @@ def test_log_likelihoods_of_an_empty_context_and_of_a_continuation_longer_than_t
     import torch.nn.functional as F
 
     from hydragpt.data.tokenizer import CharTokenizer
+    from hydragpt.errors import UserError
     from hydragpt.harness import HarnessModel
     from hydragpt.model import GPT, GPTConfig
 
@@ -351,3 +352,5 @@ def test_log_likelihoods_of_an_empty_context_and_of_a_continuation_longer_than_t
     assert empty == pytest.approx(reference([lm.prefix_token_id, *short], len(short)), abs=1e-5)
     assert longer == pytest.approx(reference(long[-9:], 8), abs=1e-5)
     assert plain == pytest.approx(reference(tokenizer.encode("gh") + short, len(short)), abs=1e-5)
+    with pytest.raises(UserError, match=r"^the model's tokenizer cannot encode a task's text: text has 1 char"):
+        lm.tok_encode("abz")

@@ -115,7 +115,13 @@ class HarnessModel(TemplateLM):
         return str(self._tokenizer.describe().get("name", "char"))
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return self._tokenizer.encode(string)
+        try:
+            return self._tokenizer.encode(string)
+        except UserError as ex:  # a char vocabulary meeting a task's text
+            raise UserError(
+                f"the model's tokenizer cannot encode a task's text: {ex.what}",
+                "evaluate a model whose tokenizer encodes any text (GPT-2's BPE), or tasks written in its characters",
+            ) from None
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self._tokenizer.decode(tokens)
