@@ -78,7 +78,7 @@ class DataConfig:
     hf_split: str = "train"  # Hugging Face split to read (hf: sources only)
     streaming: bool = False  # stream a Hugging Face dataset instead of downloading it first
     text_field: str = "text"  # field holding the text in .jsonl/.parquet/Hugging Face rows
-    tokenizer: str = "gpt2"  # char, or a tiktoken encoding: gpt2, r50k_base, p50k_base, cl100k_base, o200k_base
+    tokenizer: str = "gpt2"  # char, a tiktoken encoding (gpt2, cl100k_base, ...), or a file of train_tokenizer.py
     val_split: str = "tail"  # tail: last val_fraction of the characters; docs: random documents; head: first val_tokens
     val_fraction: Optional[float] = 0.1  # share held out for val (tail, docs)
     val_tokens: Optional[int] = None  # tokens held out for val (head)
@@ -185,6 +185,17 @@ class PrepareConfig:
     overwrite: bool = False  # redo a prepared dataset (an interrupted one continues unless this is set)
     workers: Optional[int] = None  # processes tokenizing in parallel (null: every core)
     task_mb: int = 1  # MB of text per tokenization task; two tasks per worker are in flight, so memory stays flat
+
+
+@dataclass
+class TrainTokenizerConfig:
+    """scripts/train_tokenizer.py: a byte-level BPE learned from a dataset's source (data=<option>)."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # where the text comes from (data.source); its val share
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    vocab_size: int = 32768  # tokens in all: the 256 byte values, the merges, and 5 special tokens
+    max_chars: int = 2_000_000_000  # learn from at most this many characters of the training share (memory)
+    out: Optional[str] = None  # the tokenizer file (null: <paths.data_dir>/tokenizers/<data.name>_<vocab_size>.json)
 
 
 @dataclass
@@ -398,7 +409,13 @@ def validate_include_path(path: str | None, key: str) -> None:
 
 
 def validate_tokenizer(name: str, key: str) -> None:
-    if name != "char":  # tiktoken's list of encodings is only looked up when needed
+    if name.endswith(".json"):  # a tokenizer of one's own, from scripts/train_tokenizer.py
+        require(
+            Path(name).expanduser().is_file(),
+            f"{key}={name}: no such tokenizer file",
+            "train it first: python scripts/train_tokenizer.py data=<option>",
+        )
+    elif name != "char":  # tiktoken's list of encodings is only looked up when needed
         check_choice(name, ("char", *tiktoken_encodings()), key)
 
 
@@ -436,6 +453,18 @@ def prepare_config(cfg: DictConfig) -> PrepareConfig:
     typed = to_dataclass(cfg, PrepareConfig)
     require(typed.workers is None or typed.workers >= 1, "workers must be >= 1", "or null for every core")
     require(typed.task_mb >= 1, "task_mb must be >= 1", "e.g. 4")
+    return typed
+
+
+def train_tokenizer_config(cfg: DictConfig) -> TrainTokenizerConfig:
+    typed = to_dataclass(cfg, TrainTokenizerConfig)
+    require(typed.max_chars >= 1, "max_chars must be >= 1", "e.g. max_chars=1000000000")
+    require(
+        typed.data.val_split == "tail" and (typed.data.val_fraction or 0) > 0,
+        "the compression report needs held-out text: data.val_split=tail with data.val_fraction > 0",
+        "e.g. data.val_split=tail data.val_fraction=0.1",
+    )
+    validate_output_file(typed.out, "out")
     return typed
 
 
@@ -537,6 +566,7 @@ for script, schema in (
     ("sample", SampleConfig),
     ("prepare", PrepareConfig),
     ("peek", PeekConfig),
+    ("train_tokenizer", TrainTokenizerConfig),
     ("bench_prepare", BenchPrepareConfig),
     ("eval", EvalConfig),
     ("export", ExportConfig),

@@ -56,8 +56,8 @@ from hydragpt.data.sources import JSONL, Batch, Source, batches, open_source
 from hydragpt.data.tokenizer import (
     CHAR,
     CharTokenizer,
-    TiktokenTokenizer,
     Tokenizer,
+    named_tokenizer,
     token_dtype,
     tokenizer_from_description,
 )
@@ -87,7 +87,7 @@ def _init_pool_worker(tokenizer: dict[str, Any] | None) -> None:
     _init_worker(tokenizer)
 
 
-def _texts(batch: Batch, text_field: str) -> list[str]:
+def batch_texts(batch: Batch, text_field: str) -> list[str]:
     """The documents' text; null is an empty document, anything else that is not text is an error."""
     texts = []
     for record, origin in zip(batch.records, batch.origins, strict=True):
@@ -134,7 +134,7 @@ class Scanned:
 
 def _scan(task: tuple[Batch, str]) -> Scanned:
     """First pass: characters in the batch and which ones occur."""
-    texts = _texts(*task)
+    texts = batch_texts(*task)
     return Scanned(sum(map(len, texts)), "".join(set().union(*map(set, texts))))
 
 
@@ -169,7 +169,7 @@ def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
     assert _tokenizer is not None
     encode, dtype = _tokenizer.encode_array, token_dtype(_tokenizer.vocab_size)
     separator = np.array([] if _tokenizer.separator is None else [_tokenizer.separator], dtype=dtype)
-    texts = _texts(batch, text_field)
+    texts = batch_texts(batch, text_field)
     doc_ids = batch.next_document - 1 + np.cumsum(batch.starts_document)
     in_val = _val_documents(doc_ids, plan.seed, plan.fraction) if plan.mode == "docs" else None
     pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
@@ -387,7 +387,7 @@ def _prepare(cfg: PrepareConfig, dataset_dir: Path) -> Path:
     scan = progress["scan"] if progress else None
     if scan is None and (d.val_split == "tail" or d.tokenizer == CHAR):
         scan = _scan_corpus(cfg, source, workers)
-    tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else TiktokenTokenizer(d.tokenizer)
+    tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else named_tokenizer(d.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(staging, split, dtype, d.shard_tokens) for split in SPLITS}
     state = {"batches": 0, "documents": 0, "bytes": 0, "head_val_tokens": 0, "wrote_document": False}

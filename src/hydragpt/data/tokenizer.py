@@ -122,6 +122,45 @@ class TiktokenTokenizer:
         return {"kind": "tiktoken", "name": self.name}
 
 
+class BpeTokenizer:
+    """A byte-level BPE trained with scripts/train_tokenizer.py (data/bpe.py), encoded through tiktoken.
+    Its description carries every token's bytes, so a dataset or checkpoint alone can rebuild it."""
+
+    def __init__(self, desc: dict[str, Any]) -> None:
+        import base64
+
+        import tiktoken
+
+        ranks = {base64.b64decode(token): rank for rank, token in enumerate(desc["ranks"])}
+        special = {name: len(ranks) + i for i, name in enumerate(desc["special"])}
+        self.name = desc["name"]
+        self._desc = desc
+        self._enc = tiktoken.Encoding(
+            desc["name"], pat_str=desc["pattern"], mergeable_ranks=ranks, special_tokens=special
+        )
+        self.vocab_size = self._enc.n_vocab
+        self.special = special
+        self.separator = special[desc["special"][0]]  # <|bos|> begins each document after the first
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self._enc.encode_to_numpy(text, disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids)
+
+    def token_bytes(self) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size - len(self.special)):
+            lengths[i] = len(self._enc.decode_single_token_bytes(i))
+        return lengths
+
+    def describe(self) -> dict[str, Any]:
+        return self._desc
+
+
 def encode_prompt(tokenizer: Tokenizer, text: str, key: str) -> list[int]:
     """A prompt the user gave as `key`, encoded; one the tokenizer cannot encode, or that encodes to
     nothing, is an error naming `key`."""
@@ -140,12 +179,32 @@ def tiktoken_encodings() -> list[str]:
     return tiktoken.list_encoding_names()
 
 
+def named_tokenizer(name: str) -> Tokenizer:
+    """`data.tokenizer` other than char: a tiktoken encoding's name, or a file of scripts/train_tokenizer.py."""
+    if not name.endswith(".json"):
+        return TiktokenTokenizer(name)
+    import json
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    try:
+        desc = json.loads(path.read_text())
+        assert isinstance(desc, dict) and desc.get("kind") == "bpe"
+    except (OSError, ValueError, AssertionError) as ex:
+        raise UserError(
+            f"{path} is not a tokenizer of scripts/train_tokenizer.py", "train one: python scripts/train_tokenizer.py"
+        ) from ex
+    return BpeTokenizer(desc)
+
+
 def tokenizer_from_description(desc: dict[str, Any]) -> Tokenizer:
     kind = desc.get("kind")
     if kind == CHAR:
         return CharTokenizer(desc["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(desc["name"])
+    if kind == "bpe":
+        return BpeTokenizer(desc)
     raise UserError(
         f"unknown tokenizer kind {kind!r}: the dataset or checkpoint was written by another tool",
         "prepare the dataset again (prepare.py ... overwrite=true), or use a checkpoint hydragpt wrote",
