@@ -36,6 +36,8 @@ SCRIPTS: dict[str, tuple[Callable[[DictConfig], Any], list[str]]] = {
     "peek": (config.peek_config, []),
     "export": (config.export_config, ["out=exported"]),
     "plot": (config.plot_config, ["run=outputs/run"]),
+    "report": (config.report_config, ["run=."]),
+    "train_tokenizer": (config.train_tokenizer_config, []),
     "bench_prepare": (config.bench_prepare_config, []),
     "bench_sample": (bench_sample_config, []),
     "bench_time_to_loss": (bench_time_to_loss_config, []),
