@@ -79,26 +79,12 @@ class CharTokenizer:
         return {"kind": CHAR, "chars": self.chars}
 
 
-class TiktokenTokenizer:
-    """A tiktoken BPE encoding by name (gpt2, cl100k_base, ...); special tokens are never parsed from text."""
+class _TiktokenEncoded:
+    """What every tokenizer encoded through a tiktoken `Encoding` (`self._enc`) shares; special tokens are
+    never parsed from text."""
 
-    def __init__(self, name: str) -> None:
-        import tiktoken
-
-        self.name = name
-        try:
-            self._enc = tiktoken.get_encoding(name)
-        except ValueError as ex:  # an unknown name
-            raise UserError(
-                f"unknown tiktoken encoding '{name}'", f"use char or one of: {', '.join(tiktoken_encodings())}"
-            ) from ex
-        except Exception as ex:  # tiktoken downloads the BPE files on first use
-            raise UserError(
-                f"could not load the tiktoken encoding '{name}': {ex}",
-                "tiktoken downloads it once: connect to the internet, or copy a filled TIKTOKEN_CACHE_DIR",
-            ) from ex
-        self.vocab_size = self._enc.n_vocab
-        self.separator = self._enc.eot_token
+    _enc: Any
+    vocab_size: int
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -118,11 +104,33 @@ class TiktokenTokenizer:
                 lengths[i] = 0 if i in special else len(self._enc.decode_single_token_bytes(i))
         return lengths
 
+
+class TiktokenTokenizer(_TiktokenEncoded):
+    """A tiktoken BPE encoding by name (gpt2, cl100k_base, ...)."""
+
+    def __init__(self, name: str) -> None:
+        import tiktoken
+
+        self.name = name
+        try:
+            self._enc = tiktoken.get_encoding(name)
+        except ValueError as ex:  # an unknown name
+            raise UserError(
+                f"unknown tiktoken encoding '{name}'", f"use char or one of: {', '.join(tiktoken_encodings())}"
+            ) from ex
+        except Exception as ex:  # tiktoken downloads the BPE files on first use
+            raise UserError(
+                f"could not load the tiktoken encoding '{name}': {ex}",
+                "tiktoken downloads it once: connect to the internet, or copy a filled TIKTOKEN_CACHE_DIR",
+            ) from ex
+        self.vocab_size = self._enc.n_vocab
+        self.separator = self._enc.eot_token
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "tiktoken", "name": self.name}
 
 
-class BpeTokenizer:
+class BpeTokenizer(_TiktokenEncoded):
     """A byte-level BPE trained with scripts/train_tokenizer.py (data/bpe.py), encoded through tiktoken.
     Its description carries every token's bytes, so a dataset or checkpoint alone can rebuild it."""
 
@@ -141,21 +149,6 @@ class BpeTokenizer:
         self.vocab_size = self._enc.n_vocab
         self.special = special
         self.separator = special[desc["special"][0]]  # <|bos|> begins each document after the first
-
-    def encode(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return self._enc.encode_to_numpy(text, disallowed_special=())
-
-    def decode(self, ids: list[int]) -> str:
-        return self._enc.decode(ids)
-
-    def token_bytes(self) -> np.ndarray:
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for i in range(self.vocab_size - len(self.special)):
-            lengths[i] = len(self._enc.decode_single_token_bytes(i))
-        return lengths
 
     def describe(self) -> dict[str, Any]:
         return self._desc
