@@ -191,19 +191,24 @@ class HarnessModel(TemplateLM):
         """Text after each context until one of its stop strings (left out) or the end-of-text token, at
         most max_gen_toks tokens; greedy unless the task asks to sample."""
         texts: list[str] = [""] * len(requests)
-        groups = itertools.groupby(
-            sorted(range(len(requests)), key=lambda i: self._group_key(requests[i])),
-            key=lambda i: self._group_key(requests[i]),
-        )
+        settings = [_generation_settings(request.args[1]) for request in requests]
+        prompts = [self._prompt(r.args[0], s.max_new_tokens) for r, s in zip(requests, settings, strict=True)]
+        # requests generate together when their settings and their context lengths are the same
+        keys = [(repr(sorted(r.args[1].items())), len(p)) for r, p in zip(requests, prompts, strict=True)]
+        groups = itertools.groupby(sorted(range(len(requests)), key=keys.__getitem__), key=keys.__getitem__)
         progress = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or self.rank != 0)
         for _, members in groups:
             members = list(members)
             for batch in (members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)):
-                settings = _generation_settings(requests[batch[0]].args[1])
-                prompts = [self._prompt(requests[i].args[0], settings.max_new_tokens) for i in batch]
                 generator = torch.Generator(self._device).manual_seed(GENERATION_SEED)
                 generated = complete(
-                    self.model, self._tokenizer, prompts, settings, generator, self.dtype, end_token=self._end_token
+                    self.model,
+                    self._tokenizer,
+                    [prompts[i] for i in batch],
+                    settings[batch[0]],
+                    generator,
+                    self.dtype,
+                    end_token=self._end_token,
                 )
                 for i, text in zip(batch, generated, strict=True):
                     texts[i] = text
@@ -211,11 +216,6 @@ class HarnessModel(TemplateLM):
                 progress.update(len(batch))
         progress.close()
         return texts
-
-    def _group_key(self, request: Any) -> tuple[str, int]:
-        """Requests generate together when their settings and their context lengths are the same."""
-        context, kwargs = request.args
-        return repr(sorted(kwargs.items())), len(self._prompt(context, _generation_settings(kwargs).max_new_tokens))
 
     def _prompt(self, context: str, max_new: int) -> list[int]:
         """The context's last tokens, leaving room in the block for `max_new` new ones (at least one token)."""

@@ -38,7 +38,7 @@ def record_session(run_dir: Path, facts: dict[str, Any]) -> None:
     """Append this process's facts (where it starts, its plan, its hardware and software) to run.json."""
     path = run_dir / SESSIONS_FILE
     sessions = json.loads(path.read_text()) if path.is_file() else []
-    sessions.append({"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **facts})
+    sessions.append({"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **facts})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(sessions, indent=1) + "\n")
     tmp.replace(path)
@@ -113,7 +113,7 @@ def write_run_report(
     else:
         lines += [f"(no plot yet: `python scripts/plot.py run={run_dir}` draws {PLOT_FILE})", ""]
     lines += ["## Evaluations", "", *_evaluations(evals), ""]
-    lines += ["## Samples", "", *_samples(run_dir, samples, sample_tokens, device or torch.device("cpu"))]
+    lines += ["## Samples", "", *_samples(run_dir, checkpoint, samples, sample_tokens, device or torch.device("cpu"))]
     lines += ["## Config", ""]
     overrides = _overrides(run_dir)
     lines += [f"Command-line overrides: `{' '.join(overrides) or '(none)'}`", ""]
@@ -212,13 +212,12 @@ def _evaluations(evals: list[dict[str, Any]]) -> list[str]:
     return _table(keys + tasks, [[_number(r.get(k)) for k in keys + tasks] for r in evals])
 
 
-def _samples(run_dir: Path, count: int, tokens: int, device: torch.device) -> list[str]:
-    """The newest samples the run wrote itself, else `count` new ones from its newest checkpoint (sample.py's
+def _samples(run_dir: Path, checkpoint: Path | None, count: int, tokens: int, device: torch.device) -> list[str]:
+    """The newest samples the run wrote itself, else `count` new ones from `checkpoint` (sample.py's
     defaults: a newline as the prompt, temperature 0.8, top_k 200; a fixed seed)."""
     written = sorted((run_dir / "samples").glob("iter_*.txt"))[-count:] if count else []
     if written:
         return [line for path in written for line in _text_block(path.stem, path.read_text())]
-    checkpoint = _newest_checkpoint(run_dir)
     if not count or checkpoint is None:
         return ["(none)"]
     from hydragpt.config import SampleConfig

@@ -118,8 +118,8 @@ class SuiteScore:
             return {}
         from hydragpt.harness import HarnessModel, score_suite
 
-        with autocast(next(self.model.parameters()).device, self.dtype):
-            score, _ = score_suite(HarnessModel(self.model, self.tokenizer, self.batch_size, self.dtype), self.suite, 0)
+        # the adapter runs its forwards in `dtype` itself
+        score, _ = score_suite(HarnessModel(self.model, self.tokenizer, self.batch_size, self.dtype), self.suite, 0)
         if not score:  # ranks other than 0
             return {}
         name = f"suite/{self.suite.name}"
