@@ -84,6 +84,10 @@ def test_meta_records_settings_shard_hashes_and_fingerprint(tmp_path: Path, corp
         "text_field": "text",
         "hf_name": None,
         "hf_split": "train",
+        "format": "text",
+        "prompt_field": None,
+        "response_field": None,
+        "max_conversation_tokens": 2048,
         "source": str(corpora["a"]),
     }
     assert len(meta.shards["train"]) > 1

@@ -33,6 +33,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 VAL_SPLITS = ("tail", "docs", "head")
+DATA_FORMATS = ("text", "chat")
 HELLASWAG_METHODS = ("lm_eval", "build_nanogpt")
 SAMPLING = ("random", "sequential")
 SAMPLE_FORMATS = ("text", "jsonl")
@@ -84,7 +85,11 @@ class DataConfig:
     val_tokens: Optional[int] = None  # tokens held out for val (head)
     split_seed: int = 2357  # which documents go to val (docs)
     shard_tokens: int = 100_000_000  # tokens per shard file (200 MB of uint16)
-    sampling: str = "sequential"  # sequential: every window once per epoch; random: nanoGPT's random windows
+    sampling: str = "sequential"  # sequential: each window/conversation once an epoch; random: random windows/order
+    format: str = "text"  # text: documents; chat: conversations, with a loss on the assistant's replies only
+    prompt_field: Optional[str] = None  # chat: a question/answer dataset's question (null: text_field has messages)
+    response_field: Optional[str] = None  # chat: and its answer; each record is one user and one assistant turn
+    max_conversation_tokens: int = 2048  # chat: longer conversations are cut between turns into documents this long
 
     def __post_init__(self) -> None:
         require(
@@ -111,6 +116,31 @@ class DataConfig:
             )
         require(self.shard_tokens >= 1, "data.shard_tokens must be >= 1", "e.g. 100000000 (200 MB of uint16)")
         validate_seed(self.split_seed, "data.split_seed")
+        check_choice(self.format, DATA_FORMATS, "data.format")
+        chat = self.format == "chat"
+        for knob in ("prompt_field", "response_field", "max_conversation_tokens"):
+            only_with(self, knob, chat, "data.format=chat", "data.")
+        require(
+            (self.prompt_field is None) == (self.response_field is None),
+            "data.prompt_field and data.response_field go together",
+            "set both (each record is then one question and its answer), or neither (text_field holds messages)",
+        )
+        if chat:
+            require(
+                self.val_split == "docs",
+                f"data.format=chat holds out whole conversations, not data.val_split={self.val_split}",
+                "use data.val_split=docs",
+            )
+            require(
+                self.tokenizer != "char",
+                "data.format=chat needs a tokenizer that can hold the chat template's tokens, not data.tokenizer=char",
+                "use a tiktoken encoding (gpt2) or a tokenizer of scripts/train_tokenizer.py",
+            )
+            require(
+                self.max_conversation_tokens >= 8,
+                f"data.max_conversation_tokens={self.max_conversation_tokens} cannot hold a turn",
+                "e.g. the model's block_size + 1",
+            )
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hydragpt.config import DataConfig, EvalConfig, HellaswagConfig
+from hydragpt.data.chat_batches import chat_evaluation_batches
 from hydragpt.data.dataset import PrepareCommand, SplitTokens, TokenDataset
 from hydragpt.data.identity import command_for, open_dataset, other_data
 from hydragpt.data.loader import to_device_batch
@@ -54,7 +55,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         with torch.no_grad(), autocast(device, dtype):
             if cfg.task == "val_loss":
                 token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(device)
-                result = split_loss(model, dataset_to_score(cfg, ckpt).splits[cfg.split], token_bytes, cfg, env)
+                result = split_loss(model, dataset_to_score(cfg, ckpt), token_bytes, cfg, env)
             elif cfg.task == "hellaswag":
                 result = hellaswag(model, tokenizer, cfg, env)
             else:
@@ -138,27 +139,25 @@ def _command_for_named(cfg: EvalConfig, ckpt: dict[str, Any], own: dict[str, Any
 
 
 def split_loss(
-    model: GPT, tokens: SplitTokens, token_bytes: torch.Tensor, cfg: EvalConfig, env: distributed.DistEnv
+    model: GPT, data: TokenDataset, token_bytes: torch.Tensor, cfg: EvalConfig, env: distributed.DistEnv
 ) -> dict[str, Any]:
     """Mean next-token loss over every token of the split: consecutive block_size windows, each token
     predicted once (the first token of the split has no context and is not scored); and that loss in bits
-    per byte of the predicted tokens' text (`token_bytes`: UTF-8 bytes per token id)."""
+    per byte of the predicted tokens' text (`token_bytes`: UTF-8 bytes per token id). A chat dataset's
+    conversations are scored in packed rows, on the assistant's replies only (`limit`: rows)."""
     block = model.config.block_size
     device = next(model.parameters()).device
-    starts = np.arange(0, len(tokens) - 1, block, dtype=np.int64)
-    if cfg.limit is not None:
-        starts = starts[: cfg.limit]
-    mine = starts[env.rank :: env.world_size]
     total = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     count = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     n_bytes = torch.zeros((), dtype=torch.long, device=device)
-    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    for batch_starts in tqdm(batches, desc=f"{cfg.split} loss", unit="batch", disable=not env.is_main):
-        for x, y in _windows(tokens, batch_starts, block, device):
-            logits, _ = model(x)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").to(total.dtype)
-            count += y.numel()
-            n_bytes += token_bytes[y].sum()
+    batches, n_batches = _batches(data, block, cfg, env, device)
+    for x, y in tqdm(batches, total=n_batches, desc=f"{cfg.split} loss", unit="batch", disable=not env.is_main):
+        logits, _ = model(x)
+        scored = y >= 0  # a chat dataset's targets outside the replies are -1
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
+        total += loss.to(total.dtype)
+        count += scored.sum()
+        n_bytes += (token_bytes[y.clamp(min=0)] * scored).sum()
     for tensor in (total, count, n_bytes):
         distributed.all_reduce(tensor, "sum")
     if count.item() == 0:
@@ -173,6 +172,24 @@ def split_loss(
         "ppl": math.exp(loss),
         "bpb": bits_per_byte(total.item(), int(n_bytes.item())),
     }
+
+
+def _batches(
+    data: TokenDataset, block: int, cfg: EvalConfig, env: distributed.DistEnv, device: torch.device
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
+    """This rank's batches of the split (chat rows, or windows tiling it), and how many, when known."""
+    if data.chat:
+        rows = chat_evaluation_batches(
+            data.conversations(cfg.split), cfg.batch_size, block, None, device, env.rank, env.world_size, cfg.limit
+        )
+        return ((x, y) for x, y, counts in rows if counts), None
+    tokens = data.splits[cfg.split]
+    starts = np.arange(0, len(tokens) - 1, block, dtype=np.int64)
+    if cfg.limit is not None:
+        starts = starts[: cfg.limit]
+    mine = starts[env.rank :: env.world_size]
+    groups = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    return (batch for group in groups for batch in _windows(tokens, group, block, device)), len(groups)
 
 
 def _windows(

@@ -364,9 +364,14 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.block_size
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position of `idx` (B, T), and the mean cross-entropy when `targets` is given.
+        """Logits for every position of `idx` (B, T), and the cross-entropy when `targets` is given: its mean
+        or its `reduction="sum"` over the targets other than -1 (a masked target: no loss, no gradient).
 
         With a `cache`, `idx` continues the positions already in it, and its keys and values are added.
         Rotary models go past `block_size`, each position attending to the block_size positions up to
@@ -402,7 +407,9 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits.float() / cap)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
         return logits, loss
 
     def crop_block_size(self, block_size: int) -> None:
@@ -416,3 +423,17 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Add token rows (special tokens a pretrained model never saw, such as a chat template's), each
+        starting as the mean of the existing rows: a neutral embedding and logit, not a random one."""
+        old = self.config.vocab_size
+        assert old is not None and vocab_size >= old
+        grown = []
+        for weight in (self.transformer.wte.weight, self.lm_head.weight):
+            rows = torch.cat([weight.detach(), weight.detach().mean(0, keepdim=True).expand(vocab_size - old, -1)])
+            grown.append(nn.Parameter(rows))
+        self.transformer.wte.weight, self.lm_head.weight = grown
+        if self.config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = self.config.vocab_size = vocab_size

@@ -5,11 +5,8 @@ A checkpoint alone is enough: it carries the weights, the model's shape and the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hydragpt.config import MAX_NEW_TOKENS, SampleConfig
+from hydragpt.config import SampleConfig
 from hydragpt.data.tokenizer import Tokenizer, encode_prompt, tokenizer_from_description
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_checkpoint, load_weights
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
@@ -88,6 +85,7 @@ def generate(
     vocab_limit: int | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    cache: KVCache | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B, 1) one step at a time, continuing the prompts `idx` (B, T).
 
@@ -95,26 +93,32 @@ def generate(
     token (its keys and values join the cache); without, the whole window is recomputed every step.
     `compile` runs those one-token steps through torch.compile, in shapes that do not change from step to
     step (see model.KVCache), so it compiles once per batch size. `vocab_limit` keeps padded vocabulary
-    rows (never seen in training) from being sampled.
+    rows (never seen in training) from being sampled. A `cache` given holds the keys of the first
+    cache.length tokens of `idx` already (a chat's earlier turns): only the tokens after them are fed.
     """
     block_size, slides = model.config.block_size, model.config.positions == "rope"
     sliding_layers = model.config.n_layer if slides else 0
     origin = max(0, idx.size(1) - block_size)  # a long prompt: its last block
     dropped = 0  # tokens before idx[:, 0], no longer in any window: memory and time stay flat however long
-    cache = KVCache(model.config.n_layer, block_size) if use_cache else None
-    cached_from = -1  # where the cached window starts (none yet)
+    if cache is None and use_cache:
+        cache = KVCache(model.config.n_layer, block_size)
+    cached_from = 0 if cache is not None and cache.length else -1  # where the cached window starts (-1: none)
     step = torch.compile(model, dynamic=False) if compile and cache is not None else None  # one graph per batch size
     token = idx[:, -1:]  # the newest token; steps after the first feed it to the cache
     for _ in range(max_new_tokens):
         start = window_start(dropped + idx.size(1), block_size, origin, sliding_layers)
         idx, dropped = idx[:, start - dropped :], start
+        unfed = 0 if cache is None else start + idx.size(1) - cached_from - cache.length  # 1 but after a given cache
+        overflows = unfed > 1 and cache is not None and cache.length + unfed > block_size
         if cache is None:
             logits, _ = model(idx)
-        elif not cache.length or not (slides or start == cached_from):
-            # the first window, or (learned positions) a new one: prefill it
+        elif not (cache.length and (slides or start == cached_from)) or overflows:
+            # the first window, (learned positions) a new one, or more after a given cache than fits: prefill
             cache.reset()
             cached_from = start
             logits, _ = model(idx, cache=cache)
+        elif unfed > 1:  # a given cache: the tokens after it
+            logits, _ = model(idx[:, -unfed:], cache=cache)
         elif step is None:
             logits, _ = model(token, cache=cache)
         else:  # compiled, at a position tensor; fed `token` itself, since idx[:, -1:] has strides that grow
@@ -215,6 +219,22 @@ def complete(
     `stream` gets the first continuation's text piece by piece as it is generated (never half a
     multi-byte character, never a stop string).
     """
+    return complete_tokens(model, tokenizer, prompts, settings, generator, dtype, stream, end_token)[0]
+
+
+def complete_tokens(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    settings: Settings,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    stream: Callable[[str], None] | None = None,
+    end_token: int | None = None,
+    cache: KVCache | None = None,
+) -> tuple[list[str], list[list[int]]]:
+    """`complete`'s texts, and the token ids generated for each (up to a stop string or `end_token`, which
+    they leave out, or all of them); `cache` holds the prompts' first tokens already (see `generate`)."""
     device = next(model.parameters()).device
     idx = torch.tensor(prompts, dtype=torch.long, device=device)
     ids: list[list[int]] = [[] for _ in prompts]
@@ -236,6 +256,7 @@ def complete(
             tokenizer.vocab_size,
             settings.use_cache,
             settings.compile,
+            cache,
         )
         for token in steps:
             progress.update()
@@ -256,7 +277,7 @@ def complete(
     texts = [cut_at_stop(tokenizer.decode(i), settings.stop)[0] for i in ids]
     if stream is not None:
         stream(texts[0][len(shown_text) :])
-    return texts
+    return texts, ids
 
 
 def format_samples(prompt: str, completions: list[str], output_format: str) -> str:
@@ -279,7 +300,9 @@ def sample(cfg: SampleConfig) -> list[str]:
     stop = [unescape(s) for s in cfg.stop]  # stop=['\\n\\n'] means a blank line
     settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop, cfg.use_cache, cfg.compile)
     if cfg.chat:
-        chat(model, tokenizer, settings, generator, dtype)
+        from hydragpt.chat_session import chat
+
+        chat(model, tokenizer, source, settings, generator, dtype)
         return []
     prompt = read_prompt(cfg.start)
     prompt_ids = encode_prompt(tokenizer, prompt, "start")
@@ -291,69 +314,3 @@ def sample(cfg: SampleConfig) -> list[str]:
         Path(cfg.out).write_text(output, encoding="utf-8")
         log.info("samples written to %s", cfg.out)
     return [prompt + c for c in completions]
-
-
-CHAT_HELP = "type a prompt and press enter; `temp X` sets the temperature, `tokens X` the length, `quit` ends"
-
-
-def chat(model: GPT, tokenizer: Tokenizer, settings: Settings, generator: torch.Generator, dtype: torch.dtype) -> None:
-    """Read prompts from stdin (a terminal or a pipe) and stream each continuation to stdout."""
-    print(CHAT_HELP, file=sys.stderr)
-    while True:
-        print("> ", end="", file=sys.stderr, flush=True)
-        try:
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            return
-        if not line or line.strip() == "quit":
-            return
-        text = line.rstrip("\r\n")
-        command, _, value = text.strip().partition(" ")
-        if command in ("temp", "tokens") and _is_number(value):  # "tokens of affection" is a prompt
-            try:
-                set_chat_setting(settings, command, value)
-            except UserError as ex:
-                print(f"error: {ex}", file=sys.stderr, flush=True)
-            continue
-        if not text:
-            continue
-        try:
-            prompt_ids = encode_prompt(tokenizer, text, "your prompt")
-        except UserError as ex:
-            print(f"error: {ex}", file=sys.stderr, flush=True)
-            continue
-        print(text, end="", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops this answer, not the chat
-            complete(model, tokenizer, [prompt_ids], settings, generator, dtype, stream=_print_now)
-        print(flush=True)
-
-
-def set_chat_setting(settings: Settings, command: str, value: str) -> None:
-    """`temp 0.5` or `tokens 100`, checked as sample.py's own settings are."""
-    try:
-        number = float(value) if command == "temp" else int(value)
-    except ValueError as ex:
-        raise UserError(
-            f"{command} needs a number, got '{value}'", f"e.g. {command} {0.8 if command == 'temp' else 200}"
-        ) from ex
-    if command == "temp":
-        if not 0 <= number < math.inf:
-            raise UserError(f"temperature must be a number >= 0, got {number}", "0 is greedy, e.g. temp 0.8")
-        settings.temperature = number
-    else:
-        if not 1 <= number <= MAX_NEW_TOKENS:
-            raise UserError(f"tokens must be in [1, {MAX_NEW_TOKENS:,}], got {number}", "e.g. tokens 200")
-        settings.max_new_tokens = int(number)
-    print(f"{'temperature' if command == 'temp' else 'new tokens'}: {number}", file=sys.stderr, flush=True)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _print_now(text: str) -> None:
-    print(text, end="", flush=True)

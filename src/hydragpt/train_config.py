@@ -63,7 +63,7 @@ class TrainLoopConfig:
 
     max_iters: int = 2000  # optimizer steps to train for
     max_tokens: Optional[int] = None  # or train for this many tokens: max_iters = ceil(max_tokens / tokens per step)
-    epochs: Optional[float] = None  # or for this many passes over the training split (data.sampling=sequential)
+    epochs: Optional[float] = None  # or this many passes over the training split (sequential sampling, or chat data)
     batch_size: Any = 12  # sequences per micro-batch (per device), or auto: the largest that fits (see below)
     grad_accum_steps: Optional[int] = 1  # micro-batches per optimizer step: a larger batch at the same memory
     total_batch_size: Optional[int] = None  # tokens per optimizer step; when set it derives the accumulation
@@ -194,7 +194,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Checks across groups (each group checked its own knobs already)."""
         require(
-            self.train.epochs is None or self.data.sampling == "sequential",
+            self.train.epochs is None or self.data.sampling == "sequential" or self.data.format == "chat",
             "train.epochs needs data.sampling=sequential (random windows have no epochs)",
             "set data.sampling=sequential, or use train.max_iters / train.max_tokens",
         )

@@ -45,8 +45,8 @@ if any(key.startswith("HYDRAGPT_TEST_") for key in os.environ):
 
     forward = GPT.forward
 
-    def patched_forward(self, idx, targets=None, cache=None):
-        logits, loss = forward(self, idx, targets, cache)
+    def patched_forward(self, idx, targets=None, cache=None, reduction="mean"):
+        logits, loss = forward(self, idx, targets, cache, reduction)
         poison_at = os.environ.get("HYDRAGPT_TEST_POISON_AT")
         if loss is not None and torch.is_grad_enabled() and poison_at and current["step"] == int(poison_at):
             loss = loss + float("inf")

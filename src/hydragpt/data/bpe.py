@@ -19,6 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from hydragpt.config import TrainTokenizerConfig
+from hydragpt.data.tokenizer import CHAT_TOKENS
 from hydragpt.errors import UserError
 
 log = logging.getLogger("hydragpt.tokenizer")
@@ -29,14 +30,6 @@ TASK_BYTES = 1 << 20  # text read per step
 # most three digits, punctuation runs, newlines, spaces. Merges never cross these pieces.
 GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
-# Special tokens, after the merges: the document separator, then the chat template's roles.
-SPECIAL_TOKENS = (
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
 )
 
 
@@ -54,14 +47,14 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, name: str) -> dict[str, Any]:
-    """Learn `vocab_size - len(SPECIAL_TOKENS)` byte-level tokens from `texts`; the tokenizer's description."""
+    """Learn `vocab_size - len(CHAT_TOKENS)` byte-level tokens from `texts`; the tokenizer's description."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-    n_merged = vocab_size - len(SPECIAL_TOKENS)
+    n_merged = vocab_size - len(CHAT_TOKENS)
     if n_merged < 256:
         raise ValueError(
             f"vocab_size={vocab_size} leaves no room for merges past the 256 byte values and the special tokens",
-            f"give vocab_size >= {256 + len(SPECIAL_TOKENS) + 1}",
+            f"give vocab_size >= {256 + len(CHAT_TOKENS) + 1}",
         )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -93,7 +86,7 @@ def _description(tokenizer: Any, name: str) -> dict[str, Any]:
         "name": name,
         "pattern": GPT4_PATTERN,
         "ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
-        "special": list(SPECIAL_TOKENS),
+        "special": list(CHAT_TOKENS),
     }
 
 

@@ -16,13 +16,16 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hydragpt.data.shards import open_shard
 from hydragpt.data.tokenizer import Tokenizer, token_dtype, tokenizer_from_description
 from hydragpt.errors import UserError
+
+if TYPE_CHECKING:
+    from hydragpt.data.chat_batches import Conversations
 
 META_FILE = "meta.json"
 META_FORMAT = 3  # 3: the data.* settings it was prepared with, a sha256 per shard, the dataset's fingerprint
@@ -39,9 +42,15 @@ TOKEN_SETTINGS = (
     "text_field",
     "hf_name",
     "hf_split",
+    "format",
+    "prompt_field",
+    "response_field",
+    "max_conversation_tokens",
 )
 # The split knobs each data.val_split leaves unread: a difference there changes no token.
 _UNREAD = {"tail": {"val_tokens", "split_seed"}, "docs": {"val_tokens"}, "head": {"val_fraction", "split_seed"}}
+# The knobs a text dataset leaves unread (one prepared before data.format existed records none of them).
+_CHAT_ONLY = {"prompt_field", "response_field", "max_conversation_tokens"}
 
 # The prepare.py command that makes a dataset, for the fix of an error about it: called only when an error
 # needs it (deriving the command composes Hydra's config, which takes a while).
@@ -57,14 +66,20 @@ class DatasetMeta:
     settings: dict[str, Any]  # the data.* values it was prepared with: TOKEN_SETTINGS and source (as given)
     documents: int
     tokens: dict[str, int]  # per split
-    shards: dict[str, list[dict[str, Any]]]  # per split: [{"file": "train_000000.bin", "tokens": n, "sha256": h}]
+    # per split: [{"file": "train_000000.bin", "tokens": n, "sha256": h}]; a chat dataset's entries also name
+    # the shard of its loss mask, one uint8 per token: {"mask_file": "train_mask_000000.bin", "mask_sha256": h}
+    shards: dict[str, list[dict[str, Any]]]
     fingerprint: str  # dataset_fingerprint(tokenizer, shards)
 
 
 def dataset_fingerprint(tokenizer: dict[str, Any], shards: dict[str, list[dict[str, Any]]]) -> str:
     """sha256 over the tokenizer description and the ordered (split, file, tokens, sha256) of every shard:
     equal fingerprints, equal tokens, computed from meta.json alone (no shard is read)."""
-    listing = [[split, s["file"], s["tokens"], s["sha256"]] for split in SPLITS for s in shards.get(split, [])]
+    listing = [
+        [split, s["file"], s["tokens"], s["sha256"], *([s["mask_file"], s["mask_sha256"]] if "mask_file" in s else [])]
+        for split in SPLITS
+        for s in shards.get(split, [])
+    ]
     text = json.dumps([tokenizer, listing], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -78,6 +93,9 @@ def setting_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any], 
     """The `keys` whose values differ between the settings a dataset was prepared with and those asked
     for; a split knob that neither side's val_split reads is no difference."""
     unread = _UNREAD.get(recorded.get("val_split"), set()) & _UNREAD.get(wanted.get("val_split"), set())
+    if recorded.get("format", "text") == wanted.get("format", "text") == "text":
+        unread |= _CHAT_ONLY
+    recorded = {"format": "text", **recorded}
     return [key for key in keys if key not in unread and recorded.get(key) != wanted.get(key)]
 
 
@@ -179,6 +197,18 @@ class SplitTokens:
         return out
 
 
+def _open_split(
+    dataset_dir: Path, shards: list[dict[str, Any]], key: str, dtype: np.dtype, redo: Callable[[], str]
+) -> SplitTokens:
+    """The shards named by each entry's `key` ("file", or a chat dataset's "mask_file") as one array."""
+    try:
+        files = [dataset_dir / shard[key] for shard in shards]
+    except KeyError as ex:
+        raise UserError(f"{dataset_dir / META_FILE} lists a shard without its {key}", redo()) from ex
+    arrays = [open_shard(path, dtype, shard["tokens"], redo) for path, shard in zip(files, shards, strict=True)]
+    return SplitTokens(arrays, files)
+
+
 def _identity(path: Path) -> tuple[int, int]:
     """What tells a file apart from its replacement: (inode, size in bytes)."""
     stat = path.stat()
@@ -223,13 +253,16 @@ class TokenDataset:
                 f"tokenizer vocab {self.tokenizer.vocab_size}",
                 redo(),
             )
-        _allow_open_files(sum(len(shards) for shards in self.meta.shards.values()))
+        self.chat = self.meta.settings.get("format") == "chat"
+        _allow_open_files(sum(len(shards) for shards in self.meta.shards.values()) * (2 if self.chat else 1))
         self.splits: dict[str, SplitTokens] = {}
+        self.masks: dict[str, SplitTokens] = {}  # chat: 1 where a token is a target the loss counts
+        self._conversations: dict[str, Conversations] = {}
         for split in SPLITS:
             shards = self.meta.shards.get(split, [])
-            files = [dataset_dir / shard["file"] for shard in shards]
-            tokens = [open_shard(path, dtype, shard["tokens"], redo) for path, shard in zip(files, shards, strict=True)]
-            self.splits[split] = SplitTokens(tokens, files)
+            self.splits[split] = _open_split(dataset_dir, shards, "file", dtype, redo)
+            if self.chat:
+                self.masks[split] = _open_split(dataset_dir, shards, "mask_file", np.dtype(np.uint8), redo)
         for split, tokens in self.splits.items():
             head = tokens.shards[0][:4096] if tokens.shards else np.empty(0, dtype)
             if len(head) and int(head.max()) >= self.meta.vocab_size:
@@ -239,9 +272,22 @@ class TokenDataset:
                     redo(),
                 )
 
+    def conversations(self, split: str) -> Conversations:
+        """A chat dataset's split as documents and masks (found once, then kept)."""
+        from hydragpt.data.chat import ChatTemplate
+        from hydragpt.data.chat_batches import Conversations
+
+        if split not in self._conversations:
+            bos = ChatTemplate(self.tokenizer).bos
+            self._conversations[split] = Conversations(self.splits[split], self.masks[split], bos)
+        return self._conversations[split]
+
     def require_block(self, block_size: int, knob: str = "model.block_size") -> None:
         """Every split must hold at least one window of block_size inputs plus the next-token target;
-        `knob` is the setting that shortens the block (train.crop_block_size for a run from weights)."""
+        `knob` is the setting that shortens the block (train.crop_block_size for a run from weights).
+        A chat dataset's rows are padded, so any conversation makes one."""
+        if self.chat:
+            return
         for split, tokens in self.splits.items():
             if len(tokens) < block_size + 1:
                 raise UserError(

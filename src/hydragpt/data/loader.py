@@ -19,13 +19,17 @@ from hydragpt.data.dataset import SplitTokens
 from hydragpt.errors import UserError
 
 
-def to_device_batch(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets from (n, block_size + 1) windows; pinned and non-blocking on CUDA."""
-    batch = torch.from_numpy(windows)
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device: pinned and non-blocking on CUDA."""
+    tensor = torch.from_numpy(array)
     if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    else:
-        batch = batch.to(device)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def to_device_batch(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets from (n, block_size + 1) windows."""
+    batch = to_device(windows, device)
     return batch[:, :-1], batch[:, 1:]
 
 

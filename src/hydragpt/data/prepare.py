@@ -11,6 +11,10 @@ The validation split (`data.val_split`):
 - `head`: the first `val_tokens` tokens of the stream, as build-nanogpt makes FineWeb's first shard val.
 Documents are separated by the tokenizer's separator (GPT-2's <|endoftext|>), the first has none.
 
+`data.format=chat` reads conversations instead (`chat.py`): each is rendered with the chat template into
+documents that start with <|bos|>, and a loss mask (one uint8 per token, 1 on the assistant's replies) is
+written beside the tokens, in `<split>_mask_*.bin` shards as long as the token shards.
+
 Everything is written into a staging directory, `<dataset>/.prepare/`, and moved into place at the end,
 so a failure never touches a dataset prepared before (`overwrite=true` included). An interrupted
 preparation resumes: `progress.json` there records, after every finished shard, how many batches are
@@ -37,7 +41,8 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from hydragpt.config import PrepareConfig
+from hydragpt.config import DataConfig, PrepareConfig
+from hydragpt.data.chat import ChatTemplate, conversation
 from hydragpt.data.dataset import (
     META_FILE,
     META_FORMAT,
@@ -52,7 +57,7 @@ from hydragpt.data.dataset import (
 )
 from hydragpt.data.identity import another_name, command_for, listed
 from hydragpt.data.shards import PARTIAL_SUFFIX, ShardWriter
-from hydragpt.data.sources import JSONL, Batch, Source, batches, open_source
+from hydragpt.data.sources import JSONL, Batch, Source, batches, open_source, record_fields
 from hydragpt.data.tokenizer import (
     CHAR,
     CharTokenizer,
@@ -87,6 +92,19 @@ def _init_pool_worker(tokenizer: dict[str, Any] | None) -> None:
     _init_worker(tokenizer)
 
 
+def _json_object(record: str | bytes, origin: str) -> dict[str, Any]:
+    try:
+        value = json.loads(record)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{origin} has a line that is not a JSON object: {record[:60]!r}",
+            "fix or remove that line: each line of a .jsonl file is one JSON object",
+        )
+    return value
+
+
 def batch_texts(batch: Batch, text_field: str) -> list[str]:
     """The documents' text; null is an empty document, anything else that is not text is an error."""
     texts = []
@@ -94,12 +112,7 @@ def batch_texts(batch: Batch, text_field: str) -> list[str]:
         text = record
         if batch.kind == JSONL:
             try:
-                text = json.loads(record)[text_field]
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, RecursionError) as ex:
-                raise UserError(
-                    f"{origin} has a line that is not a JSON object: {record[:60]!r}",
-                    "fix or remove that line: each line of a .jsonl file is one JSON object",
-                ) from ex
+                text = _json_object(record, origin)[text_field]
             except KeyError:
                 raise UserError(
                     f"{origin} has a record without the field '{text_field}'",
@@ -143,6 +156,7 @@ class Tokenized:
     tokens: dict[str, np.ndarray]  # per split; `head` puts the whole stream under "train" for the parent to route
     n_tokens: int
     first_document_split: str | None  # the split whose tokens start with the batch's first document's separator
+    masks: dict[str, np.ndarray] | None = None  # chat: per split, the loss mask of each token
 
 
 @dataclass
@@ -164,9 +178,12 @@ def _val_documents(doc_ids: np.ndarray, seed: int, fraction: float) -> np.ndarra
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
-def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
-    batch, text_field, plan = task
+def _tokenize(task: tuple[Batch, DataConfig, SplitPlan]) -> Tokenized:
+    batch, data, plan = task
     assert _tokenizer is not None
+    if data.format == "chat":
+        return _tokenize_chat(batch, data, plan)
+    text_field = data.text_field
     encode, dtype = _tokenizer.encode_array, token_dtype(_tokenizer.vocab_size)
     separator = np.array([] if _tokenizer.separator is None else [_tokenizer.separator], dtype=dtype)
     texts = batch_texts(batch, text_field)
@@ -194,6 +211,28 @@ def _tokenize(task: tuple[Batch, str, SplitPlan]) -> Tokenized:
         offset += len(text)
     tokens = {split: np.concatenate([np.empty(0, dtype), *arrays]).astype(dtype) for split, arrays in pieces.items()}
     return Tokenized(tokens, sum(map(len, tokens.values())), first_document_split)
+
+
+def _tokenize_chat(batch: Batch, data: DataConfig, plan: SplitPlan) -> Tokenized:
+    """Each conversation rendered with the chat template into documents of tokens and loss mask; whole
+    conversations go to val (`docs` split), so no reply is trained on in one split and scored in the other."""
+    assert _tokenizer is not None
+    template, fields = ChatTemplate(_tokenizer), record_fields(data)
+    dtype = token_dtype(_tokenizer.vocab_size)
+    doc_ids = batch.next_document - 1 + np.cumsum(batch.starts_document)
+    in_val = _val_documents(doc_ids, plan.seed, plan.fraction)
+    tokens: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    masks: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for record, origin, val in zip(batch.records, batch.origins, in_val, strict=True):
+        split = "val" if val else "train"
+        for document, mask in template.render(
+            conversation(_json_object(record, origin), fields, origin), data.max_conversation_tokens
+        ):
+            tokens[split].append(document)
+            masks[split].append(mask)
+    joined = {split: np.concatenate([np.empty(0, dtype), *arrays]).astype(dtype) for split, arrays in tokens.items()}
+    joined_masks = {split: np.concatenate([np.empty(0, np.uint8), *arrays]) for split, arrays in masks.items()}
+    return Tokenized(joined, sum(map(len, joined.values())), None, joined_masks)
 
 
 def _ordered_map(
@@ -301,7 +340,9 @@ def _publish(staging: Path, dataset_dir: Path, meta: DatasetMeta) -> None:
     Safe to repeat after an interruption: the old meta.json goes first, and shards moved already stay.
     """
     (dataset_dir / META_FILE).unlink(missing_ok=True)
-    new_shards = {shard["file"] for split in SPLITS for shard in meta.shards[split]}
+    new_shards = {
+        shard[key] for split in SPLITS for shard in meta.shards[split] for key in ("file", "mask_file") if key in shard
+    }
     for path in dataset_dir.iterdir():
         moved_already = path.name in new_shards and not (staging / path.name).exists()
         if _is_output(path) and not moved_already:
@@ -387,9 +428,16 @@ def _prepare(cfg: PrepareConfig, dataset_dir: Path) -> Path:
     scan = progress["scan"] if progress else None
     if scan is None and (d.val_split == "tail" or d.tokenizer == CHAR):
         scan = _scan_corpus(cfg, source, workers)
-    tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else named_tokenizer(d.tokenizer)
+    chat = d.format == "chat"
+    tokenizer: Tokenizer = CharTokenizer(scan["charset"]) if d.tokenizer == CHAR else named_tokenizer(d.tokenizer, chat)
+    if chat:
+        ChatTemplate(tokenizer)  # a tokenizer without the template's tokens is an error before any work
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(staging, split, dtype, d.shard_tokens) for split in SPLITS}
+    if chat:  # each split's loss mask, in shards as long as its token shards
+        writers |= {
+            _mask(split): ShardWriter(staging, _mask(split), np.dtype(np.uint8), d.shard_tokens) for split in SPLITS
+        }
     state = {"batches": 0, "documents": 0, "bytes": 0, "head_val_tokens": 0, "wrote_document": False}
     if progress:
         state = progress["state"]
@@ -423,7 +471,7 @@ def _write_shards(
     d, task_bytes = cfg.data, cfg.task_mb * 2**20
     plan = _split_plan(cfg, scan)
 
-    def tasks() -> Iterator[tuple[Batch, str, SplitPlan]]:
+    def tasks() -> Iterator[tuple[Batch, DataConfig, SplitPlan]]:
         """Batches not done yet; done ones are still read, to keep document and character counts."""
         chars_before = 0
         for batch in batches(source.records(), task_bytes):
@@ -433,7 +481,7 @@ def _write_shards(
                     raise UserError(f"the corpus {source.description} changed while it was being prepared", "re-run")
                 chars_before += scan["chars_per_batch"][batch.index]
             if batch.index >= state["batches"]:
-                yield batch, d.text_field, SplitPlan(plan.mode, val_from, plan.fraction, plan.seed)
+                yield batch, d, SplitPlan(plan.mode, val_from, plan.fraction, plan.seed)
 
     start, n_tokens = time.perf_counter(), 0
     with _progress_bar(source, f"tokenizing {d.name}") as bar:
@@ -468,10 +516,16 @@ def _dataset_meta(
     shards = {
         split: [
             {"file": f, "tokens": n, "sha256": h}
-            for f, n, h in zip(w.files, w.shard_sizes, w.shard_sha256, strict=True)
+            for f, n, h in zip(
+                writers[split].files, writers[split].shard_sizes, writers[split].shard_sha256, strict=True
+            )
         ]
-        for split, w in writers.items()
+        for split in SPLITS
     }
+    for split in SPLITS:
+        if mask := writers.get(_mask(split)):
+            for entry, file, digest in zip(shards[split], mask.files, mask.shard_sha256, strict=True):
+                entry |= {"mask_file": file, "mask_sha256": digest}
     meta = DatasetMeta(
         format=META_FORMAT,
         tokenizer=tokenizer.describe(),
@@ -479,7 +533,7 @@ def _dataset_meta(
         dtype=token_dtype(tokenizer.vocab_size).name,
         settings=token_settings(asdict(d)),
         documents=documents,
-        tokens={split: sum(writer.shard_sizes) for split, writer in writers.items()},
+        tokens={split: sum(writers[split].shard_sizes) for split in SPLITS},
         shards=shards,
         fingerprint=dataset_fingerprint(tokenizer.describe(), shards),
     )
@@ -519,7 +573,15 @@ def _route(result: Tokenized, writers: dict[str, ShardWriter], head_val: int | N
         take = max(0, min(len(stream), head_val - state["head_val_tokens"]))
         tokens = {"val": stream[:take], "train": stream[take:]}
         state["head_val_tokens"] += take
+    if result.masks is not None:
+        for split in SPLITS:
+            writers[_mask(split)].write(result.masks[split])
     return sum(writers[split].write(tokens[split]) for split in SPLITS)
+
+
+def _mask(split: str) -> str:
+    """The name of a split's loss-mask stream (its shards are `<split>_mask_000000.bin`, ...)."""
+    return f"{split}_mask"
 
 
 def _log_summary(

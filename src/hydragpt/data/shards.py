@@ -41,8 +41,8 @@ def read_header(path: Path, redo: Callable[[], str]) -> tuple[np.dtype, int]:
     _, version, itemsize, n_tokens = HEADER.unpack(head)
     if version != VERSION:
         raise UserError(f"{path} has shard format version {version}; this hydragpt reads version {VERSION}", redo())
-    if itemsize not in (2, 4):
-        raise UserError(f"{path} declares {itemsize} bytes per token; only 2 and 4 exist", redo())
+    if itemsize not in (1, 2, 4):  # 1: a chat dataset's loss mask
+        raise UserError(f"{path} declares {itemsize} bytes per token; only 1, 2 and 4 exist", redo())
     expected = HEADER.size + n_tokens * itemsize
     if size != expected:
         raise UserError(f"{path} is truncated or padded: {size:,} bytes, its header says {expected:,}", redo())

@@ -3,7 +3,8 @@
 `data.source` is a local `.txt`, `.jsonl` or `.parquet` file, a directory or glob of them, a URL (downloaded
 once into the dataset directory and reused from there), or `hf:<dataset>` for a Hugging Face dataset.
 A `.txt` file is one document, cut into chunks at points where cutting cannot change its tokens; each
-`.jsonl` line and each `.parquet` or Hugging Face row is one document. Nothing here holds more than one
+`.jsonl` line and each `.parquet` or Hugging Face row is one document. A chat dataset's rows come as JSON
+records of the fields a conversation is read from (`record_fields`). Nothing here holds more than one
 batch of text at a time, so preparation memory does not grow with the corpus.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import json
 import logging
 import os
 import shutil
@@ -100,13 +102,25 @@ def open_source(data: DataConfig, dataset_dir: Path, task_bytes: int) -> Source:
         files = [_download(data.source, dataset_dir)]
     else:
         files = _local_files(data.source)
+    if data.format == "chat" and (text_files := [f for f in files if f.name.endswith(".txt")]):
+        raise UserError(
+            f"data.format=chat reads conversations from .jsonl or .parquet records, not {text_files[0]}",
+            'convert the conversations to .jsonl lines of {"messages": [{"role": ..., "content": ...}]}',
+        )
     stats = [f.stat() for f in files]
     return Source(
         description=data.source,
-        records=lambda: _file_records(files, data.text_field, task_bytes),
+        records=lambda: _file_records(files, record_fields(data), data.format == "chat", task_bytes),
         total_bytes=sum(st.st_size for st in stats),
         identity=[[str(f), st.st_size, st.st_mtime_ns] for f, st in zip(files, stats, strict=True)],
     )
+
+
+def record_fields(data: DataConfig) -> list[str]:
+    """The fields a record is read from: the text, a conversation's messages, or a question and its answer."""
+    if data.format == "chat" and data.prompt_field and data.response_field:
+        return [data.prompt_field, data.response_field]
+    return [data.text_field]
 
 
 def _is_url(source: str) -> bool:
@@ -155,14 +169,16 @@ def _local_files(source: str) -> list[Path]:
     return files
 
 
-def _file_records(files: list[Path], text_field: str, chunk_bytes: int) -> Iterator[Record]:
+def _file_records(files: list[Path], fields: list[str], chat: bool, chunk_bytes: int) -> Iterator[Record]:
     for path in files:
         if path.name.endswith(".txt"):
             yield from _txt_records(path, chunk_bytes)
         elif path.name.endswith(".jsonl"):
             yield from _jsonl_records(path)
+        elif chat:
+            yield from _parquet_rows(path, fields)
         else:
-            yield from _parquet_records(path, text_field)
+            yield from _parquet_records(path, fields[0])
 
 
 def safe_cut(text: str, start: int = 0) -> int | None:
@@ -224,19 +240,35 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
                 yield Record(JSONL, line, True, len(line), str(path))
 
 
-def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
-    import pyarrow as pa
+def _open_parquet(path: Path, fields: list[str], fix: str) -> Any:
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as ex:  # pyarrow raises its own error types for a foreign or damaged file
         raise UserError(f"{path} is not a readable parquet file: {ex}", "check the file") from ex
-    if text_field not in parquet.schema_arrow.names:
-        raise UserError(
-            f"{path} has no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)})",
-            "set data.text_field to the column holding the text",
-        )
+    for name in fields:
+        if name not in parquet.schema_arrow.names:
+            raise UserError(f"{path} has no column '{name}' (columns: {', '.join(parquet.schema_arrow.names)})", fix)
+    return parquet
+
+
+def _parquet_rows(path: Path, fields: list[str]) -> Iterator[Record]:
+    """Each row's `fields` as one JSON record (a conversation's messages, or a question and its answer)."""
+    parquet = _open_parquet(path, fields, "set data.text_field, or data.prompt_field and data.response_field")
+    size, rows, done_rows, done_bytes = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0, 0
+    for table in parquet.iter_batches(batch_size=1024, columns=fields):
+        for row in table.to_pylist():
+            done_rows += 1
+            n_bytes = size * done_rows // rows - done_bytes
+            done_bytes += n_bytes
+            yield Record(JSONL, json.dumps(row).encode(), True, n_bytes, str(path))
+
+
+def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
+    import pyarrow as pa
+
+    parquet = _open_parquet(path, [text_field], "set data.text_field to the column holding the text")
     column_type = parquet.schema_arrow.field(text_field).type
     if pa.types.is_dictionary(column_type):  # pandas categories: the values are what count
         column_type = column_type.value_type
@@ -260,11 +292,12 @@ def _hf_source(data: DataConfig) -> Source:
     quiet_hub_retries()
 
     name = data.source.removeprefix(HF_PREFIX)
+    fields, chat = record_fields(data), data.format == "chat"
     label = name + (f" ({data.hf_name})" if data.hf_name else "")
     try:
         dataset = datasets.load_dataset(name, data.hf_name, split=data.hf_split, streaming=data.streaming)
         identity = [name, data.hf_name, data.hf_split, getattr(dataset, "_fingerprint", None)]
-        dataset = dataset.select_columns([data.text_field])
+        dataset = dataset.select_columns(fields)
     except Exception as ex:  # network, hub and schema errors come in many types
         first_line = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
         raise UserError(
@@ -274,6 +307,11 @@ def _hf_source(data: DataConfig) -> Source:
 
     def records() -> Iterator[Record]:
         for rows in dataset.iter(batch_size=1024):
+            if chat:
+                for row in zip(*(rows[name] for name in fields), strict=True):
+                    line = json.dumps(dict(zip(fields, row, strict=True))).encode()
+                    yield Record(JSONL, line, True, len(line), label)
+                continue
             for text in rows[data.text_field]:
                 text = text or ""
                 yield Record(TEXT, text, True, len(text), label)

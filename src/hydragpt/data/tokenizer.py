@@ -14,12 +14,15 @@ import numpy as np
 from hydragpt.errors import UserError
 
 CHAR = "char"
+# The chat template's special tokens (data/chat.py): the document start, then the roles' ends.
+CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 
 
 class Tokenizer(Protocol):
     vocab_size: int
     # The token written between two documents: tiktoken's <|endoftext|>, a newline for the char tokenizer.
     separator: int | None
+    special: dict[str, int]  # special tokens by name (the chat template's, where the tokenizer has them)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -46,6 +49,7 @@ class CharTokenizer:
         self._stoi = {ch: i for i, ch in enumerate(chars)}
         self._codes = np.array([ord(ch) for ch in chars], dtype=np.uint32)  # sorted, as `chars` is
         self.separator = self._stoi.get("\n")
+        self.special: dict[str, int] = {}
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -106,12 +110,14 @@ class _TiktokenEncoded:
 
 
 class TiktokenTokenizer(_TiktokenEncoded):
-    """A tiktoken BPE encoding by name (gpt2, cl100k_base, ...)."""
+    """A tiktoken BPE encoding by name (gpt2, cl100k_base, ...). With `chat`, the chat template's role tokens
+    are added after its last id and its <|endoftext|> stands for <|bos|>, as it starts GPT-2's documents:
+    a pretrained model's encoding, ready for fine-tuning on conversations."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, chat: bool = False) -> None:
         import tiktoken
 
-        self.name = name
+        self.name, self.chat = name, chat
         try:
             self._enc = tiktoken.get_encoding(name)
         except ValueError as ex:  # an unknown name
@@ -123,11 +129,22 @@ class TiktokenTokenizer(_TiktokenEncoded):
                 f"could not load the tiktoken encoding '{name}': {ex}",
                 "tiktoken downloads it once: connect to the internet, or copy a filled TIKTOKEN_CACHE_DIR",
             ) from ex
-        self.vocab_size = self._enc.n_vocab
         self.separator = self._enc.eot_token
+        self.special = {}
+        if chat:
+            base = self._enc
+            roles = {name: base.n_vocab + i for i, name in enumerate(CHAT_TOKENS[1:])}
+            self._enc = tiktoken.Encoding(
+                f"{name}_chat",
+                pat_str=base._pat_str,
+                mergeable_ranks=base._mergeable_ranks,
+                special_tokens={**base._special_tokens, **roles},
+            )
+            self.special = {CHAT_TOKENS[0]: base.eot_token, **roles}
+        self.vocab_size = self._enc.n_vocab
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "tiktoken", "name": self.name}
+        return {"kind": "tiktoken", "name": self.name, **({"chat": True} if self.chat else {})}
 
 
 class BpeTokenizer(_TiktokenEncoded):
@@ -172,10 +189,11 @@ def tiktoken_encodings() -> list[str]:
     return tiktoken.list_encoding_names()
 
 
-def named_tokenizer(name: str) -> Tokenizer:
-    """`data.tokenizer` other than char: a tiktoken encoding's name, or a file of scripts/train_tokenizer.py."""
+def named_tokenizer(name: str, chat: bool = False) -> Tokenizer:
+    """`data.tokenizer` other than char: a tiktoken encoding's name (`chat`: with the chat tokens added), or a
+    file of scripts/train_tokenizer.py (which has them)."""
     if not name.endswith(".json"):
-        return TiktokenTokenizer(name)
+        return TiktokenTokenizer(name, chat)
     import json
     from pathlib import Path
 
@@ -195,13 +213,19 @@ def tokenizer_from_description(desc: dict[str, Any]) -> Tokenizer:
     if kind == CHAR:
         return CharTokenizer(desc["chars"])
     if kind == "tiktoken":
-        return TiktokenTokenizer(desc["name"])
+        return TiktokenTokenizer(desc["name"], desc.get("chat", False))
     if kind == "bpe":
         return BpeTokenizer(desc)
     raise UserError(
         f"unknown tokenizer kind {kind!r}: the dataset or checkpoint was written by another tool",
         "prepare the dataset again (prepare.py ... overwrite=true), or use a checkpoint hydragpt wrote",
     )
+
+
+def with_chat_tokens(desc: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether tokenizer `desc` is `base` with the chat tokens added: a pretrained model's own encoding, in a
+    chat dataset made for fine-tuning it (the model grows rows for the new tokens)."""
+    return base.get("kind") == "tiktoken" and desc == {**base, "chat": True}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from hydragpt.data.chat_batches import ChatBatchLoader
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.identity import data_identity, open_dataset, other_data, require_settings
-from hydragpt.data.loader import Prefetcher, SequentialBatchLoader, build_train_loader
+from hydragpt.data.loader import BatchLoader, Prefetcher, SequentialBatchLoader, build_train_loader
+from hydragpt.data.tokenizer import with_chat_tokens
 from hydragpt.engine.batch_size import largest_micro_batch
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
 from hydragpt.engine.checkpointer import Checkpointer, TrainState
@@ -93,17 +95,32 @@ def build_trainer(
         log.info("batch_size=auto: %d sequences per micro-batch of the %d per rank and step", t.batch_size, sequences)
     grad_accum = grad_accum_steps(t, model_config.block_size, env.world_size)
     tokens_per_step = t.batch_size * model_config.block_size * grad_accum * env.world_size
-    loader = build_train_loader(
-        cfg.data.sampling,
-        data.splits["train"],
-        t.batch_size,
-        model_config.block_size,
-        cfg.system.seed,
-        device,
-        env.rank,
-        env.world_size,
-        block_knob,
-    )
+    loader: BatchLoader
+    if data.chat:
+        shuffle = cfg.data.sampling == "random"
+        conversations = data.conversations("train")
+        loader = ChatBatchLoader(
+            conversations,
+            t.batch_size,
+            model_config.block_size,
+            shuffle,
+            cfg.system.seed,
+            device,
+            env.rank,
+            env.world_size,
+        )
+    else:
+        loader = build_train_loader(
+            cfg.data.sampling,
+            data.splits["train"],
+            t.batch_size,
+            model_config.block_size,
+            cfg.system.seed,
+            device,
+            env.rank,
+            env.world_size,
+            block_knob,
+        )
     max_iters = training_length(cfg, loader, grad_accum, tokens_per_step)
     optimizers = cfg.optim.build(model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -213,6 +230,7 @@ def build_trainer(
         eval_only=t.eval_only,
         plot=t.plot,
         report=t.report,
+        masked_loss=data.chat,
     )
     trainer = Trainer(
         loop=loop,
@@ -281,7 +299,8 @@ def model_shape(
                 "use model.vocab_size=null to take it from the data",
             )
         return wanted
-    if start_from["tokenizer"] != data.meta.tokenizer:
+    grows = with_chat_tokens(data.meta.tokenizer, start_from["tokenizer"])
+    if start_from["tokenizer"] != data.meta.tokenizer and not grows:
         trained_on = start_from.get("config", {}).get("data", {}).get("name")
         raise UserError(
             f"train.init_from={cfg.train.init_from} was trained with another tokenizer than dataset"
@@ -302,6 +321,10 @@ def model_shape(
             f"{'use train.crop_block_size to shorten the context, ' if crop else ''}drop {override}, or"
             " train.init_from=scratch for the shape you set",
         )
+    if saved.vocab_size is not None and saved.vocab_size < data_vocab:  # its tokenizer gained the chat tokens
+        vocab = -(-data_vocab // 64) * 64  # a multiple of 64, as GPT-2's padded 50304
+        log.info("adding rows for the chat tokens: vocab_size %d -> %d", saved.vocab_size, vocab)
+        saved = replace(saved, vocab_size=vocab)
     crop = cfg.train.crop_block_size
     if resumed or crop is None:
         return replace(saved, dropout=wanted.dropout)
@@ -328,11 +351,15 @@ def require_data_trained_on(
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], config: GPTConfig) -> GPT:
-    """Build at the saved size, load the weights, then crop the context if this run wants it shorter."""
-    model = GPT(replace(config, block_size=ckpt["model_config"]["block_size"]))
+    """Build at the saved size, load the weights, then crop the context if this run wants it shorter and
+    add token rows if its tokenizer has more (the chat tokens)."""
+    saved = ckpt["model_config"]
+    model = GPT(replace(config, block_size=saved["block_size"], vocab_size=saved["vocab_size"]))
     model.load_state_dict(ckpt["model"])
     if config.block_size < model.config.block_size:
         model.crop_block_size(config.block_size)
+    if config.vocab_size is not None and config.vocab_size > saved["vocab_size"]:
+        model.grow_vocab(config.vocab_size)
     return model
 
 
@@ -340,7 +367,7 @@ def training_length(cfg: TrainConfig, loader: Any, grad_accum: int, tokens_per_s
     """Optimizer steps of the whole run: `train.max_iters`, or as many as `max_tokens` or `epochs` take."""
     t = cfg.train
     if t.epochs is not None:
-        assert isinstance(loader, SequentialBatchLoader)  # config validation: epochs need sequential sampling
+        assert isinstance(loader, SequentialBatchLoader | ChatBatchLoader)  # validation: epochs need sequential
         windows_per_step = t.batch_size * grad_accum * loader.world_size
         return math.ceil(t.epochs * loader.n_windows / windows_per_step)
     if t.max_tokens is not None:

@@ -1,7 +1,8 @@
 """What the Trainer measures at each evaluation: each evaluator returns named numbers for the record.
 
-- `SplitLoss`: the mean loss over `eval_iters` fixed batches of each split (the same windows every time),
-  and its bits per byte (`bits_per_byte`), which compares models across tokenizers.
+- `SplitLoss`: the mean loss over `eval_iters` fixed batches of each split (the same windows every time;
+  a chat dataset's packed rows, scored on the assistant's replies only), and its bits per byte
+  (`bits_per_byte`), which compares models across tokenizers.
 - `HellaswagAccuracy`: HellaSwag acc and acc_norm, at the evaluations whose step is a multiple of its interval.
 - `SuiteScore`: a benchmark suite through lm-eval (conf/suite/), at the evaluations whose step is a multiple
   of its interval: the suite's centred mean as `suite/<name>`, each task's metric as `suite/<name>/<task>`.
@@ -15,6 +16,7 @@ sampling runs on every rank in lockstep, which FSDP's sharded forward needs, and
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from hydragpt.config import SampleConfig, SuiteConfig
+from hydragpt.data.chat_batches import chat_evaluation_batches
 from hydragpt.data.dataset import SPLITS, TokenDataset
 from hydragpt.data.loader import evaluation_batches
 from hydragpt.data.tokenizer import Tokenizer, encode_prompt
@@ -59,28 +62,43 @@ class SplitLoss:
     def __call__(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
         losses = {}
         for split in SPLITS:
-            batches = evaluation_batches(
-                self.data.splits[split],
+            total = torch.zeros((), device=self.device)
+            n_targets = torch.zeros((), dtype=torch.long, device=self.device)
+            n_bytes = torch.zeros((), dtype=torch.long, device=self.device)
+            for x, y, counts in self._batches(split):
+                with autocast(self.device, self.dtype):
+                    _, loss = model(x, y, reduction="sum")
+                if counts:
+                    scored = y >= 0  # a chat dataset's targets outside the replies are -1
+                    total += loss.float()
+                    n_targets += scored.sum()
+                    n_bytes += (self.token_bytes[y.clamp(min=0)] * scored).sum()
+            nats = all_reduce(total, "sum").item()
+            losses[f"{split}_loss"] = nats / max(all_reduce(n_targets, "sum").item(), 1)
+            losses[f"{split}_bpb"] = bits_per_byte(nats, int(all_reduce(n_bytes, "sum").item()))
+        return losses
+
+    def _batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        env = self.env
+        if self.data.chat:
+            return chat_evaluation_batches(
+                self.data.conversations(split),
                 self.batch_size,
                 self.block_size,
                 self.eval_iters,
                 self.device,
-                self.env.rank,
-                self.env.world_size,
+                env.rank,
+                env.world_size,
             )
-            total = torch.zeros((), device=self.device)
-            n_bytes = torch.zeros((), dtype=torch.long, device=self.device)
-            for x, y, counts in batches:
-                with autocast(self.device, self.dtype):
-                    _, loss = model(x, y)
-                if counts:
-                    total += loss.float()
-                    n_bytes += self.token_bytes[y].sum()
-            mean = (all_reduce(total, "sum") / self.eval_iters).item()
-            n_tokens = self.eval_iters * self.batch_size * self.block_size
-            losses[f"{split}_loss"] = mean
-            losses[f"{split}_bpb"] = bits_per_byte(mean * n_tokens, int(all_reduce(n_bytes, "sum").item()))
-        return losses
+        return evaluation_batches(
+            self.data.splits[split],
+            self.batch_size,
+            self.block_size,
+            self.eval_iters,
+            self.device,
+            env.rank,
+            env.world_size,
+        )
 
 
 @dataclass

@@ -58,6 +58,7 @@ class Loop:
     eval_only: bool
     plot: bool
     report: bool
+    masked_loss: bool  # chat data: the loss is the mean over the step's targets on all ranks (-1s left out)
 
 
 class Trainer:
@@ -122,13 +123,22 @@ class Trainer:
         """
         accum = self.loop.grad_accum
         loss_sum = torch.zeros((), device=self.device)
+        micro_batches, weight = None, None
+        if self.loop.masked_loss:  # each micro-batch's summed loss, weighted by world size / all ranks' targets
+            micro_batches = [self.batches.next_batch() for _ in range(accum)]
+            targets = all_reduce(sum((y >= 0).sum() for _, y in micro_batches).float(), "sum")
+            weight = self.env.world_size / targets.clamp(min=1)  # ranks' gradients are averaged after
         for micro_step in range(accum):
-            x, y = self.batches.next_batch()
+            x, y = micro_batches[micro_step] if micro_batches else self.batches.next_batch()
             last = micro_step == accum - 1
             with contextlib.nullcontext() if last else self.parallel.accumulating(self.train_model):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.train_model(x, y)
-                loss = loss / accum  # the gradient of the mean over micro-batches
+                    if weight is None:
+                        _, loss = self.train_model(x, y)
+                        loss = loss / accum  # the gradient of the mean over micro-batches
+                    else:
+                        _, loss = self.train_model(x, y, reduction="sum")
+                        loss = loss * weight
                 self.batches.prefetch()  # the host draws the next batch while the device works
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
