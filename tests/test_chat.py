@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from hydragpt.data.chat import ChatTemplate
+from hydragpt.data.chat import conversation as turns
 from hydragpt.data.chat_batches import IGNORE, ChatBatchLoader
-from hydragpt.data.tokenizer import BpeTokenizer
+from hydragpt.data.tokenizer import BpeTokenizer, TiktokenTokenizer
 from hydragpt.model import GPT, GPTConfig
 from hydragpt.sampling import load_model
 from tests.helpers import DEBUG_RUN, REPO, SHAKESPEARE, hf_gpt2, open_prepared, run_script
@@ -282,6 +284,26 @@ def test_a_steps_loss_is_the_mean_over_all_its_reply_tokens(
     assert abs(logged["loss"] - (sums[0] / counts[0] + sums[1] / counts[1]) / 2) > 1e-3
 
 
+def test_packing_deals_every_conversation_once_an_epoch_and_resumes_exactly(prepared: Path) -> None:
+    conversations = open_prepared(prepared).conversations("train")
+    order = np.random.default_rng(0).permutation(len(conversations))
+    packed, bounds = conversations.pack(order, 65)
+    assert sorted(packed.tolist()) == list(range(len(conversations)))
+    rows = [conversations.lengths[packed[a:b]] for a, b in itertools.pairwise(bounds)]
+    assert all(row.sum() <= 65 or len(row) == 1 for row in rows)  # a conversation longer than a row fills one
+    assert sum(min(row.sum(), 65) for row in rows) / (65 * len(rows)) > 0.85  # little padding
+    loader = ChatBatchLoader(conversations, 8, 64, True, 1, torch.device("cpu"))
+    for _ in range(loader.n_windows // 8):  # to the end of the first epoch, and on into the next
+        loader.next_batch()
+    state = loader.state_dict()
+    ahead = [loader.next_batch() for _ in range(3)]
+    again = ChatBatchLoader(conversations, 8, 64, True, 1, torch.device("cpu"))
+    again.load_state_dict(state)
+    assert state["epoch"] == 0 and loader.epoch == 1
+    for (x, y), (x2, y2) in zip(ahead, (again.next_batch() for _ in range(3)), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def greedy_reply(model: GPT, tokens: list[int], end: int, vocab: int, limit: int) -> tuple[list[int], bool]:
     """The reply greedy decoding gives, the whole context recomputed for each token; whether it ended."""
     reply: list[int] = []
@@ -354,6 +376,16 @@ def test_a_model_on_gpt2s_encoding_gains_the_chat_tokens(gpt2_bpe: None, dialogu
     session = chat(run, ["Who is there?", "/history"], "max_new_tokens=4")
     assert session.returncode == 0, session.stderr[-3000:]
     assert session.stdout.splitlines()[1] == "user: Who is there?"
+    exported = run_script("export", f"ckpt={run}", f"out={tmp_path / 'out'}")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    import transformers
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    record = json.loads(dialogue.read_text().splitlines()[0])  # it opens with a system message
+    tokenizer = TiktokenTokenizer("gpt2", chat=True)
+    ours = ChatTemplate(tokenizer).render(turns(record, ["messages"], "dialogue"), 10_000)[0][0].tolist()
+    assert hf_tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=False) == ours
+    assert hf_tokenizer.eos_token_id == tokenizer.special["<|assistant_end|>"] == 50260
 
 
 def test_growing_the_vocabulary_keeps_the_old_rows_and_ties_the_head() -> None:

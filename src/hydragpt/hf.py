@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hydragpt.data.tokenizer import TiktokenTokenizer, with_chat_tokens
 from hydragpt.errors import UserError
 from hydragpt.model import GPTConfig
 
@@ -273,8 +274,8 @@ def export(ckpt: dict[str, Any], out_dir: Path) -> None:
         attn_pdrop=0.0,
         layer_norm_epsilon=1e-5,
         tie_word_embeddings=True,
-        bos_token_id=50256 if ckpt["tokenizer"] == GPT2_TOKENIZER else None,
-        eos_token_id=50256 if ckpt["tokenizer"] == GPT2_TOKENIZER else None,
+        bos_token_id=_gpt2_ends(ckpt)[0],
+        eos_token_id=_gpt2_ends(ckpt)[1],
     )
     hf_model = transformers.GPT2LMHeadModel(hf_config)
     state = {k: v.t().contiguous() if k.endswith(CONV1D) else v for k, v in ckpt["model"].items()}
@@ -290,24 +291,48 @@ def export(ckpt: dict[str, Any], out_dir: Path) -> None:
     _write_tokenizer(ckpt, out_dir)
 
 
-def _write_tokenizer(ckpt: dict[str, Any], out_dir: Path) -> None:
-    """GPT-2's tokenizer files beside the model, when the model uses it (a char vocabulary has none)."""
+def _gpt2_ends(ckpt: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The ids that begin and end a text for a model on GPT-2's encoding: <|endoftext|> both, or for a chat
+    model <|assistant_end|> ends (a reply); none for another tokenizer."""
     if ckpt["tokenizer"] == GPT2_TOKENIZER:
-        import tiktoken
+        return GPT2_VOCAB - 1, GPT2_VOCAB - 1
+    if with_chat_tokens(ckpt["tokenizer"], GPT2_TOKENIZER):
+        return GPT2_VOCAB - 1, TiktokenTokenizer("gpt2", chat=True).special["<|assistant_end|>"]
+    return None, None
+
+
+# Hugging Face's apply_chat_template for the chat template of data/chat.py (a system message joins the first
+# user message; the reply's opening token follows every user message, so it is the generation prompt too).
+CHAT_TEMPLATE = (
+    "{{- '<|endoftext|>' -}}{%- set ns = namespace(system='') -%}{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + '\n\n' -%}"
+    "{%- elif m['role'] == 'user' -%}"
+    "{{- '<|user_start|>' + ns.system + m['content'] + '<|user_end|><|assistant_start|>' -}}"
+    "{%- set ns.system = '' -%}{%- elif m['role'] == 'assistant' -%}{{- m['content'] + '<|assistant_end|>' -}}"
+    "{%- endif -%}{%- endfor -%}"
+)
+
+
+def _write_tokenizer(ckpt: dict[str, Any], out_dir: Path) -> None:
+    """GPT-2's tokenizer files beside the model, when the model uses it (a char vocabulary has none); a chat
+    model's have the chat tokens, <|assistant_end|> as the end token and the chat template."""
+    bos, eos = _gpt2_ends(ckpt)
+    if bos is not None and eos is not None:
         from transformers.integrations.tiktoken import convert_tiktoken_to_fast
 
-        try:
-            encoding = tiktoken.get_encoding("gpt2")
-        except Exception as ex:  # its BPE files are downloaded once, then cached
-            raise UserError(
-                f"cannot load GPT-2's tokenizer: {ex}", "connect once, or set TIKTOKEN_CACHE_DIR to a seeded cache"
-            ) from ex
-        convert_tiktoken_to_fast(encoding, out_dir)
-        # as the Hub's gpt2: <|endoftext|> begins, ends and pads, so generate() and lm-eval stop at it
-        end = "<|endoftext|>"
-        tokenizer = _transformers().PreTrainedTokenizerFast(
-            tokenizer_file=str(out_dir / "tokenizer.json"), bos_token=end, eos_token=end, unk_token=end
+        tokenizer = TiktokenTokenizer("gpt2", chat=ckpt["tokenizer"].get("chat", False))
+        convert_tiktoken_to_fast(tokenizer._enc, out_dir)
+        # as the Hub's gpt2: <|endoftext|> begins, ends and pads, so generate() and lm-eval stop at it (a
+        # chat model's replies end at <|assistant_end|>)
+        names = {i: name for name, i in tokenizer._enc._special_tokens.items()}
+        fast = _transformers().PreTrainedTokenizerFast(
+            tokenizer_file=str(out_dir / "tokenizer.json"),
+            bos_token=names[bos],
+            eos_token=names[eos],
+            unk_token=names[bos],
         )
-        tokenizer.save_pretrained(out_dir)
+        if tokenizer.chat:
+            fast.chat_template = CHAT_TEMPLATE
+        fast.save_pretrained(out_dir)
     else:
         log.info("tokenizer %s has no Hugging Face equivalent: no tokenizer files written", ckpt["tokenizer"]["kind"])

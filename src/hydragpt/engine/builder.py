@@ -95,32 +95,7 @@ def build_trainer(
         log.info("batch_size=auto: %d sequences per micro-batch of the %d per rank and step", t.batch_size, sequences)
     grad_accum = grad_accum_steps(t, model_config.block_size, env.world_size)
     tokens_per_step = t.batch_size * model_config.block_size * grad_accum * env.world_size
-    loader: BatchLoader
-    if data.chat:
-        shuffle = cfg.data.sampling == "random"
-        conversations = data.conversations("train")
-        loader = ChatBatchLoader(
-            conversations,
-            t.batch_size,
-            model_config.block_size,
-            shuffle,
-            cfg.system.seed,
-            device,
-            env.rank,
-            env.world_size,
-        )
-    else:
-        loader = build_train_loader(
-            cfg.data.sampling,
-            data.splits["train"],
-            t.batch_size,
-            model_config.block_size,
-            cfg.system.seed,
-            device,
-            env.rank,
-            env.world_size,
-            block_knob,
-        )
+    loader = train_loader(cfg, data, model_config.block_size, device, env, block_knob)
     max_iters = training_length(cfg, loader, grad_accum, tokens_per_step)
     optimizers = cfg.optim.build(model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -271,6 +246,27 @@ def build_trainer(
             },
         )
     return trainer
+
+
+def train_loader(
+    cfg: TrainConfig, data: TokenDataset, block_size: int, device: torch.device, env: DistEnv, block_knob: str
+) -> BatchLoader:
+    """This rank's training batches: windows of the token stream, or a chat dataset's packed conversations."""
+    if not data.chat:
+        args = (data.splits["train"], cfg.train.batch_size, block_size, cfg.system.seed, device, env.rank)
+        return build_train_loader(cfg.data.sampling, *args, env.world_size, block_knob)
+    conversations = data.conversations("train")
+    shuffle = cfg.data.sampling == "random"
+    args = (conversations, cfg.train.batch_size, block_size, shuffle, cfg.system.seed, device, env.rank)
+    loader = ChatBatchLoader(*args, env.world_size)
+    cut = int((conversations.lengths > block_size + 1).sum())
+    log.info(
+        "chat data: %s training conversations packed into %s rows of block_size + 1 tokens an epoch%s",
+        f"{len(conversations):,}",
+        f"{loader.n_windows:,}",
+        f"; {cut:,} longer than a row are cut at its end (see data.max_conversation_tokens)" if cut else "",
+    )
+    return loader
 
 
 def reaches_peak(schedule: Any, total_steps: int) -> bool:
