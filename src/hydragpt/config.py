@@ -202,7 +202,7 @@ class SampleConfig:
     stop: list[str] = field(default_factory=list)  # end a sample at the first of these strings, e.g. stop=['\n\n']
     out: Optional[str] = None  # also write the samples to this file
     format: str = "text"  # text: samples separated by a line of dashes; jsonl: one JSON object per sample
-    chat: bool = False  # interactive: type a prompt, get its continuation streamed; `temp X`, `tokens X`, `quit`
+    chat: bool = False  # interactive: a conversation with a chat-trained model, else each typed line continued
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
