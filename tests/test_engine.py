@@ -142,8 +142,8 @@ def test_a_nonfinite_step_between_log_steps_is_never_applied(
     trainer = build(data_dir, tmp_path / "run", "train.max_iters=20", "train.log_interval=5", "train.eval_interval=5")
     forward = GPT.forward
 
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = forward(self, idx, targets, cache)
+    def poisoned(self, idx, targets=None, cache=None, reduction="mean"):
+        logits, loss = forward(self, idx, targets, cache, reduction)
         if loss is not None and torch.is_grad_enabled() and trainer.state.step == 7:
             loss = loss + math.inf
         return logits, loss
@@ -163,8 +163,8 @@ def test_divergence_before_any_checkpoint_says_to_start_again(
     trainer = build(data_dir, tmp_path / "run", "train.max_iters=20", "train.eval_interval=10")
     forward = GPT.forward
 
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = forward(self, idx, targets, cache)
+    def poisoned(self, idx, targets=None, cache=None, reduction="mean"):
+        logits, loss = forward(self, idx, targets, cache, reduction)
         return logits, (loss + math.inf if loss is not None and torch.is_grad_enabled() else loss)
 
     monkeypatch.setattr(GPT, "forward", poisoned)
@@ -180,8 +180,8 @@ def test_skip_nonfinite_counts_skipped_steps_read_from_the_device(
     trainer = build(data_dir, tmp_path / "run", "train.max_iters=10", "train.log_interval=4", "train.skip_nonfinite=2")
     forward = GPT.forward
 
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = forward(self, idx, targets, cache)
+    def poisoned(self, idx, targets=None, cache=None, reduction="mean"):
+        logits, loss = forward(self, idx, targets, cache, reduction)
         if loss is not None and torch.is_grad_enabled() and trainer.state.step in (2, 3):
             loss = loss * math.nan
         return logits, loss
