@@ -127,17 +127,16 @@ def chat(
             continue
         if not text:
             continue
-        try:
-            prompt_ids = encode_prompt(tokenizer, text, "your prompt")
-        except UserError as ex:
-            print(f"error: {ex}", file=sys.stderr, flush=True)
-            continue
         try:  # Ctrl-C stops this answer, not the chat
             if conversation is not None:
                 conversation.reply(text, settings, generator, dtype, stream=_print_now)
             else:
+                prompt_ids = encode_prompt(tokenizer, text, "your prompt")
                 print(text, end="", flush=True)
                 complete(model, tokenizer, [prompt_ids], settings, generator, dtype, stream=_print_now)
+        except UserError as ex:
+            print(f"error: {ex}", file=sys.stderr, flush=True)
+            continue
         except KeyboardInterrupt:
             pass
         print(flush=True)

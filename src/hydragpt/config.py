@@ -310,7 +310,7 @@ class EvalConfig:
     batch_size: int = 8  # val_loss, lm_eval: sequences per forward (hellaswag: one example, 4 endings, per forward)
     device: str = "auto"  # auto (cuda, mps, else cpu), cpu, cuda, mps; cuda:LOCAL_RANK under torchrun
     dtype: str = "auto"  # auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16
-    limit: Optional[int] = None  # score only the first this many windows (val_loss) or examples (of each task)
+    limit: Optional[int] = None  # score only the first this many windows or chat rows (val_loss), examples (tasks)
     show_examples: int = 0  # hellaswag: print this many worked examples (context, endings with losses, prediction)
     out: Optional[str] = (
         None  # also write the result JSON here (hellaswag, lm_eval: each example's scores to <out>.examples.jsonl)

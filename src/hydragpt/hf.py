@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hydragpt.data.tokenizer import TiktokenTokenizer, with_chat_tokens
+from hydragpt.data.tokenizer import CHAT_TOKENS, TiktokenTokenizer, with_chat_tokens
 from hydragpt.errors import UserError
 from hydragpt.model import GPTConfig
 
@@ -262,6 +262,7 @@ def export(ckpt: dict[str, Any], out_dir: Path) -> None:
             f"this model has model.{knob}={getattr(config, knob)}, which GPT-2 has no equivalent for",
             f"export a model trained with GPT-2's model.{knob}={getattr(gpt2, knob)}",
         )
+    ends = _gpt2_ends(ckpt)
     hf_config = transformers.GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=config.block_size,
@@ -274,8 +275,8 @@ def export(ckpt: dict[str, Any], out_dir: Path) -> None:
         attn_pdrop=0.0,
         layer_norm_epsilon=1e-5,
         tie_word_embeddings=True,
-        bos_token_id=_gpt2_ends(ckpt)[0],
-        eos_token_id=_gpt2_ends(ckpt)[1],
+        bos_token_id=ends[0],
+        eos_token_id=ends[1],
     )
     hf_model = transformers.GPT2LMHeadModel(hf_config)
     state = {k: v.t().contiguous() if k.endswith(CONV1D) else v for k, v in ckpt["model"].items()}
@@ -296,8 +297,8 @@ def _gpt2_ends(ckpt: dict[str, Any]) -> tuple[int | None, int | None]:
     model <|assistant_end|> ends (a reply); none for another tokenizer."""
     if ckpt["tokenizer"] == GPT2_TOKENIZER:
         return GPT2_VOCAB - 1, GPT2_VOCAB - 1
-    if with_chat_tokens(ckpt["tokenizer"], GPT2_TOKENIZER):
-        return GPT2_VOCAB - 1, TiktokenTokenizer("gpt2", chat=True).special["<|assistant_end|>"]
+    if with_chat_tokens(ckpt["tokenizer"], GPT2_TOKENIZER):  # the role tokens follow GPT-2's vocabulary
+        return GPT2_VOCAB - 1, GPT2_VOCAB + CHAT_TOKENS.index("<|assistant_end|>") - 1
     return None, None
 
 

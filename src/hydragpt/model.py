@@ -424,16 +424,22 @@ class GPT(nn.Module):
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
-    def grow_vocab(self, vocab_size: int) -> None:
-        """Add token rows (special tokens a pretrained model never saw, such as a chat template's), each
-        starting as the mean of the existing rows: a neutral embedding and logit, not a random one."""
+    def add_tokens(self, known: int, vocab_size: int) -> None:
+        """Make every row from `known` on a new token's (special tokens the model never saw, such as a chat
+        template's), each starting as the mean of the `known` rows: a neutral embedding and logit, not a
+        random or leftover one. The table first grows to `vocab_size` rows if it has fewer."""
         old = self.config.vocab_size
-        assert old is not None and vocab_size >= old
-        grown = []
-        for weight in (self.transformer.wte.weight, self.lm_head.weight):
-            rows = torch.cat([weight.detach(), weight.detach().mean(0, keepdim=True).expand(vocab_size - old, -1)])
-            grown.append(nn.Parameter(rows))
-        self.transformer.wte.weight, self.lm_head.weight = grown
-        if self.config.tie_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight
-        self.transformer.wte.num_embeddings = self.lm_head.out_features = self.config.vocab_size = vocab_size
+        assert old is not None and known <= old
+        if vocab_size > old:
+            grown = []
+            for weight in (self.transformer.wte.weight, self.lm_head.weight):
+                grown.append(
+                    nn.Parameter(torch.cat([weight.detach(), weight.new_zeros(vocab_size - old, weight.size(1))]))
+                )
+            self.transformer.wte.weight, self.lm_head.weight = grown
+            if self.config.tie_embeddings:
+                self.transformer.wte.weight = self.lm_head.weight
+            self.transformer.wte.num_embeddings = self.lm_head.out_features = self.config.vocab_size = vocab_size
+        with torch.no_grad():
+            for weight in {self.transformer.wte.weight, self.lm_head.weight}:
+                weight[known:] = weight[:known].mean(0)

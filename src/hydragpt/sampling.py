@@ -100,6 +100,8 @@ def generate(
     sliding_layers = model.config.n_layer if slides else 0
     origin = max(0, idx.size(1) - block_size)  # a long prompt: its last block
     dropped = 0  # tokens before idx[:, 0], no longer in any window: memory and time stay flat however long
+    if cache is not None and cache.length >= idx.size(1):
+        raise ValueError(f"the cache holds {cache.length} tokens, not fewer than the prompt's {idx.size(1)}")
     if cache is None and use_cache:
         cache = KVCache(model.config.n_layer, block_size)
     cached_from = 0 if cache is not None and cache.length else -1  # where the cached window starts (-1: none)

@@ -25,6 +25,7 @@ from hydragpt.errors import UserError
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
 Turn = tuple[str, str]  # a user message and the assistant's reply
+_FIELDS_FIX = "set data.text_field to the messages field, or data.prompt_field and data.response_field"
 
 
 def conversation(record: Mapping[str, Any], fields: list[str], origin: str) -> list[Turn]:
@@ -32,11 +33,11 @@ def conversation(record: Mapping[str, Any], fields: list[str], origin: str) -> l
     (`fields` = [prompt field, response field]). A last user message without a reply is dropped."""
     missing = [name for name in fields if name not in record]
     if missing:
-        raise UserError(f"{origin} has a record without the field '{missing[0]}'", _fields_fix(fields))
+        raise UserError(f"{origin} has a record without the field '{missing[0]}'", _FIELDS_FIX)
     if len(fields) == 2:
         prompt, response = (record[name] for name in fields)
         if not (isinstance(prompt, str) and isinstance(response, str)):
-            raise UserError(f"{origin}: fields {fields[0]} and {fields[1]} must hold text", _fields_fix(fields))
+            raise UserError(f"{origin}: fields {fields[0]} and {fields[1]} must hold text", _FIELDS_FIX)
         return [(prompt, response)]
     messages = record[fields[0]]
     if not isinstance(messages, list) or not all(
@@ -45,7 +46,7 @@ def conversation(record: Mapping[str, Any], fields: list[str], origin: str) -> l
     ):
         raise UserError(
             f'{origin}: field \'{fields[0]}\' must be a list of {{"role": ..., "content": "..."}} messages',
-            _fields_fix(fields),
+            _FIELDS_FIX,
         )
     roles = [m["role"] for m in messages]
     contents = [m["content"] for m in messages]
@@ -59,10 +60,6 @@ def conversation(record: Mapping[str, Any], fields: list[str], origin: str) -> l
                 "fix or leave out that conversation",
             )
     return list(zip(contents[0::2], contents[1::2], strict=False))
-
-
-def _fields_fix(fields: list[str]) -> str:
-    return "set data.text_field to the messages field, or data.prompt_field and data.response_field"
 
 
 class ChatTemplate:

@@ -43,9 +43,17 @@ class Conversations:
         if len(tokens) and (not len(self.starts) or self.starts[0] != 0):
             raise UserError("a chat dataset's split does not start with <|bos|>", "prepare it again with data=chat")
         self.lengths = np.diff(np.append(self.starts, len(tokens)))
+        self._in_order: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def in_order(self, row_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """`pack` of the documents in their order, made once: evaluation and sequential sampling read it
+        again and again."""
+        if row_tokens not in self._in_order:
+            self._in_order[row_tokens] = self.pack(np.arange(len(self)), row_tokens)
+        return self._in_order[row_tokens]
 
     def pack(self, order: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """Documents (taken in `order`) laid into rows of `row_tokens`: each goes into the first of the
@@ -115,10 +123,10 @@ class ChatBatchLoader:
         self.n_windows = len(self._packing(0)[1]) - 1  # rows in an epoch (the first; shuffled ones differ a little)
 
     def _packing(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.shuffle:
+            return self.data.in_order(self.row_tokens)
         if self._packed is None or self._packed[0] != epoch:
-            order = np.arange(len(self.data))
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
             self._packed = (epoch, *self.data.pack(order, self.row_tokens))
         return self._packed[1], self._packed[2]
 
@@ -162,7 +170,7 @@ def chat_evaluation_batches(
     """This rank's share of the split's rows (packed in order) as (x, y, counts), like evaluation_batches:
     `n_batches` batches of rows spread evenly over the split (the same rows every time), or with None every
     row once (the first `limit` rows). Ranks short of a batch repeat a row with `counts` False."""
-    packed, bounds = conversations.pack(np.arange(len(conversations)), block_size + 1)
+    packed, bounds = conversations.in_order(block_size + 1)
     n_rows = len(bounds) - 1
     if n_batches is None:
         picked = np.arange(min(n_rows, limit or n_rows))
@@ -172,6 +180,6 @@ def chat_evaluation_batches(
     mine = batches[rank::world_size]
     for i in range(-(-len(batches) // world_size)):
         counts = i < len(mine)
-        rows = mine[i] if counts else batches[0][:1]
+        rows = mine[i] if counts else (mine[0] if mine else batches[0])  # a batch's shape: no new compile
         documents = [packed[bounds[r] : bounds[r + 1]] for r in rows.tolist()]
         yield (*_to_device(conversations.rows(documents, block_size + 1), device), counts)

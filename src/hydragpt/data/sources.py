@@ -262,7 +262,7 @@ def _parquet_rows(path: Path, fields: list[str]) -> Iterator[Record]:
             done_rows += 1
             n_bytes = size * done_rows // rows - done_bytes
             done_bytes += n_bytes
-            yield Record(JSONL, json.dumps(row).encode(), True, n_bytes, str(path))
+            yield Record(JSONL, json.dumps(row, default=str).encode(), True, n_bytes, str(path))
 
 
 def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
@@ -309,7 +309,7 @@ def _hf_source(data: DataConfig) -> Source:
         for rows in dataset.iter(batch_size=1024):
             if chat:
                 for row in zip(*(rows[name] for name in fields), strict=True):
-                    line = json.dumps(dict(zip(fields, row, strict=True))).encode()
+                    line = json.dumps(dict(zip(fields, row, strict=True)), default=str).encode()
                     yield Record(JSONL, line, True, len(line), label)
                 continue
             for text in rows[data.text_field]:

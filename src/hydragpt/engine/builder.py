@@ -21,7 +21,7 @@ from hydragpt.data.chat_batches import ChatBatchLoader
 from hydragpt.data.dataset import TokenDataset
 from hydragpt.data.identity import data_identity, open_dataset, other_data, require_settings
 from hydragpt.data.loader import BatchLoader, Prefetcher, SequentialBatchLoader, build_train_loader
-from hydragpt.data.tokenizer import with_chat_tokens
+from hydragpt.data.tokenizer import tokenizer_from_description, with_chat_tokens
 from hydragpt.engine.batch_size import largest_micro_batch
 from hydragpt.engine.checkpoint import CHECKPOINT_DIR, load_weights
 from hydragpt.engine.checkpointer import Checkpointer, TrainState
@@ -81,7 +81,7 @@ def build_trainer(
     # rank 0's choice: a CPU's measured one could differ between ranks near the threshold
     dtype = broadcast_object(resolve_dtype(cfg.system.dtype, device, matmul=(micro_batch_rows, model_config.n_embd)))
     require_fits(model_config, device)  # its full weights are built on every rank, FSDP shards them after
-    model = GPT(model_config) if start_from is None else model_from_checkpoint(start_from, model_config)
+    model = GPT(model_config) if start_from is None else model_from_checkpoint(start_from, model_config, data)
     model.to(device)
     if cfg.system.activation_checkpointing:
         checkpoint_activations(model)
@@ -317,10 +317,8 @@ def model_shape(
             f"{'use train.crop_block_size to shorten the context, ' if crop else ''}drop {override}, or"
             " train.init_from=scratch for the shape you set",
         )
-    if saved.vocab_size is not None and saved.vocab_size < data_vocab:  # its tokenizer gained the chat tokens
-        vocab = -(-data_vocab // 64) * 64  # a multiple of 64, as GPT-2's padded 50304
-        log.info("adding rows for the chat tokens: vocab_size %d -> %d", saved.vocab_size, vocab)
-        saved = replace(saved, vocab_size=vocab)
+    if grows and saved.vocab_size is not None:  # rows for the chat tokens, a multiple of 64 (GPT-2's 50304)
+        saved = replace(saved, vocab_size=max(saved.vocab_size, -(-data_vocab // 64) * 64))
     crop = cfg.train.crop_block_size
     if resumed or crop is None:
         return replace(saved, dropout=wanted.dropout)
@@ -346,16 +344,25 @@ def require_data_trained_on(
     require_settings(data.meta, data_choice, asdict(cfg.data), cfg.paths.data_dir)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], config: GPTConfig) -> GPT:
-    """Build at the saved size, load the weights, then crop the context if this run wants it shorter and
-    add token rows if its tokenizer has more (the chat tokens)."""
+def model_from_checkpoint(ckpt: dict[str, Any], config: GPTConfig, data: TokenDataset) -> GPT:
+    """Build at the saved size, load the weights, then crop the context if this run wants it shorter; on
+    chat data of the checkpoint's tiktoken encoding, the chat tokens get rows of their own."""
     saved = ckpt["model_config"]
     model = GPT(replace(config, block_size=saved["block_size"], vocab_size=saved["vocab_size"]))
     model.load_state_dict(ckpt["model"])
     if config.block_size < model.config.block_size:
         model.crop_block_size(config.block_size)
-    if config.vocab_size is not None and config.vocab_size > saved["vocab_size"]:
-        model.grow_vocab(config.vocab_size)
+    if with_chat_tokens(data.meta.tokenizer, ckpt["tokenizer"]) and config.vocab_size is not None:
+        known = tokenizer_from_description(ckpt["tokenizer"]).vocab_size
+        model.add_tokens(known, config.vocab_size)
+        log.info(
+            "the chat tokens (ids %d to %d) start as the mean of the %s tokens the model knows (vocab_size %d -> %d)",
+            known,
+            data.tokenizer.vocab_size - 1,
+            f"{known:,}",
+            saved["vocab_size"],
+            config.vocab_size,
+        )
     return model
 
 
