@@ -307,8 +307,8 @@ def test_packing_deals_every_conversation_once_an_epoch_and_resumes_exactly(prep
 def test_parquet_rows_and_question_answer_fields_make_the_same_documents(
     play: str, tokenizer_file: Path, tmp_path: Path
 ) -> None:
-    """One exchange per record, as jsonl messages, as parquet rows (whose messages carry a timestamp too),
-    and as jsonl question/answer fields: the same tokens and masks in the same splits."""
+    """One exchange per record, as jsonl messages, as parquet rows (whose messages carry a timestamp too), as
+    a Hugging Face dataset, and as jsonl question/answer fields: the same tokens and masks in the same splits."""
     import datetime
 
     import pyarrow as pa
@@ -321,11 +321,15 @@ def test_parquet_rows_and_question_answer_fields_make_the_same_documents(
     stamp = datetime.datetime(2026, 11, 28, tzinfo=datetime.UTC)
     rows = [[{**m, "created": stamp} for m in messages([pair])] for pair in pairs]
     pq.write_table(pa.table({"messages": rows, "id": list(range(len(pairs)))}), as_parquet)
+    hub = tmp_path / "hub"  # a Hugging Face dataset of local files: what hf:<name> loads, offline
+    hub.mkdir()
+    pq.write_table(pa.table({"messages": rows}), hub / "train.parquet")
     as_fields = tmp_path / "qa.jsonl"
     as_fields.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
     sources = {
         "messages": (f"data.source={as_messages}",),
         "parquet": (f"data.source={as_parquet}",),
+        "hf": (f"data.source=hf:{hub}",),
         "fields": (f"data.source={as_fields}", "data.prompt_field=question", "data.response_field=answer"),
     }
     made = {}
@@ -342,7 +346,7 @@ def test_parquet_rows_and_question_answer_fields_make_the_same_documents(
             )
             for split in ("train", "val")
         ]
-    assert made["messages"] == made["parquet"] == made["fields"]
+    assert made["messages"] == made["parquet"] == made["hf"] == made["fields"]
     assert all(len(tokens) > 0 for _, tokens, _ in made["messages"])
 
 

@@ -261,7 +261,8 @@ def train_loader(
     loader = ChatBatchLoader(*args, env.world_size)
     cut = int((conversations.lengths > block_size + 1).sum())
     log.info(
-        "chat data: %s training conversations packed into %s rows of block_size + 1 tokens an epoch%s",
+        "chat data: %s training documents (conversations, or their parts) packed into %s rows of block_size + 1"
+        " tokens an epoch%s",
         f"{len(conversations):,}",
         f"{loader.n_windows:,}",
         f"; {cut:,} longer than a row are cut at its end (see data.max_conversation_tokens)" if cut else "",
