@@ -318,7 +318,7 @@ def test_parquet_rows_and_question_answer_fields_make_the_same_documents(
     as_messages = tmp_path / "messages.jsonl"
     as_messages.write_text("".join(json.dumps({"messages": messages([pair])}) + "\n" for pair in pairs))
     as_parquet = tmp_path / "messages.parquet"
-    stamp = datetime.datetime(2026, 11, 28, tzinfo=datetime.UTC)
+    stamp = datetime.datetime(2026, 11, 28, tzinfo=datetime.timezone.utc)
     rows = [[{**m, "created": stamp} for m in messages([pair])] for pair in pairs]
     pq.write_table(pa.table({"messages": rows, "id": list(range(len(pairs)))}), as_parquet)
     hub = tmp_path / "hub"  # a Hugging Face dataset of local files: what hf:<name> loads, offline
