@@ -102,6 +102,16 @@ def chat_data(dialogue: Path, tokenizer_file: Path, workdir: Path, name: str = "
     )
 
 
+def fine_tuning(pretrained: Path, dialogue: Path, tokenizer_file: Path, workdir: Path) -> tuple[str, ...]:
+    """train.py's overrides for experiment=sft from the pretrained run, on the dialogue, on the CPU."""
+    return (
+        "experiment=sft",
+        *chat_data(dialogue, tokenizer_file, workdir),
+        "system=cpu",
+        f"train.init_from={pretrained}",
+    )
+
+
 @pytest.fixture(scope="module")
 def prepared(dialogue: Path, tokenizer_file: Path, workdir: Path) -> Path:
     result = run_script("prepare", *chat_data(dialogue, tokenizer_file, workdir))
@@ -138,10 +148,7 @@ def fine_tuned(prepared: Path, pretrained: Path, dialogue: Path, tokenizer_file:
     run = workdir / "sft"
     trained = run_script(
         "train",
-        "experiment=sft",
-        *chat_data(dialogue, tokenizer_file, workdir),
-        "system=cpu",
-        f"train.init_from={pretrained}",
+        *fine_tuning(pretrained, dialogue, tokenizer_file, workdir),
         f"hydra.run.dir={run}",
         "train.epochs=3",
         "train.batch_size=16",
@@ -255,10 +262,7 @@ def test_a_steps_loss_is_the_mean_over_all_its_reply_tokens(
     run = tmp_path / "run"
     trained = run_script(
         "train",
-        "experiment=sft",
-        *chat_data(dialogue, tokenizer_file, workdir),
-        "system=cpu",
-        f"train.init_from={pretrained}",
+        *fine_tuning(pretrained, dialogue, tokenizer_file, workdir),
         f"hydra.run.dir={run}",
         "data.sampling=sequential",
         "train.epochs=null",
@@ -392,10 +396,7 @@ def test_two_ranks_fine_tune_as_one_process_does(
     """Two ranks of two rows each, and one process of two micro-batches of two rows: the same rows, so the same
     losses, gradient norms and val losses (the loss is the mean over all ranks' reply tokens)."""
     args = (
-        "experiment=sft",
-        *chat_data(dialogue, tokenizer_file, workdir),
-        "system=cpu",
-        f"train.init_from={pretrained}",
+        *fine_tuning(pretrained, dialogue, tokenizer_file, workdir),
         "data.sampling=sequential",
         "train.epochs=null",
         "train.max_iters=3",

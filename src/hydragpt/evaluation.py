@@ -30,7 +30,7 @@ from hydragpt.data.identity import command_for, open_dataset, other_data
 from hydragpt.data.loader import to_device_batch
 from hydragpt.data.tokenizer import CHAR, Tokenizer
 from hydragpt.engine import distributed
-from hydragpt.engine.metrics import bits_per_byte
+from hydragpt.engine.metrics import bits_per_byte, scored_targets
 from hydragpt.engine.parallel import DataParallel
 from hydragpt.engine.system import autocast, resolve_device, resolve_dtype
 from hydragpt.errors import UserError
@@ -153,11 +153,11 @@ def split_loss(
     batches, n_batches = _batches(data, block, cfg, env, device)
     for x, y in tqdm(batches, total=n_batches, desc=f"{cfg.split} loss", unit="batch", disable=not env.is_main):
         logits, _ = model(x)
-        scored = y >= 0  # a chat dataset's targets outside the replies are -1
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
+        scored, scored_bytes = scored_targets(y, token_bytes)
         total += loss.to(total.dtype)
-        count += scored.sum()
-        n_bytes += (token_bytes[y.clamp(min=0)] * scored).sum()
+        count += scored
+        n_bytes += scored_bytes
     for tensor in (total, count, n_bytes):
         distributed.all_reduce(tensor, "sum")
     if count.item() == 0:

@@ -209,8 +209,13 @@ def _tokenize(task: tuple[Batch, DataConfig, SplitPlan]) -> Tokenized:
         else:
             pieces[split].append(encode(text))
         offset += len(text)
-    tokens = {split: np.concatenate([np.empty(0, dtype), *arrays]).astype(dtype) for split, arrays in pieces.items()}
+    tokens = _joined(pieces, dtype)
     return Tokenized(tokens, sum(map(len, tokens.values())), first_document_split)
+
+
+def _joined(pieces: dict[str, list[np.ndarray]], dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Each split's pieces as one array of `dtype` (empty when there are none)."""
+    return {split: np.concatenate([np.empty(0, dtype), *arrays]).astype(dtype) for split, arrays in pieces.items()}
 
 
 def _tokenize_chat(batch: Batch, data: DataConfig, plan: SplitPlan) -> Tokenized:
@@ -230,9 +235,8 @@ def _tokenize_chat(batch: Batch, data: DataConfig, plan: SplitPlan) -> Tokenized
         ):
             tokens[split].append(document)
             masks[split].append(mask)
-    joined = {split: np.concatenate([np.empty(0, dtype), *arrays]).astype(dtype) for split, arrays in tokens.items()}
-    joined_masks = {split: np.concatenate([np.empty(0, np.uint8), *arrays]) for split, arrays in masks.items()}
-    return Tokenized(joined, sum(map(len, joined.values())), None, joined_masks)
+    joined = _joined(tokens, dtype)
+    return Tokenized(joined, sum(map(len, joined.values())), None, _joined(masks, np.dtype(np.uint8)))
 
 
 def _ordered_map(

@@ -30,7 +30,7 @@ from hydragpt.data.dataset import SPLITS, TokenDataset
 from hydragpt.data.loader import evaluation_batches
 from hydragpt.data.tokenizer import Tokenizer, encode_prompt
 from hydragpt.engine.distributed import DistEnv, all_reduce
-from hydragpt.engine.metrics import bits_per_byte
+from hydragpt.engine.metrics import bits_per_byte, scored_targets
 from hydragpt.engine.system import autocast
 from hydragpt.evaluation import hellaswag_scores
 from hydragpt.model import GPT
@@ -69,36 +69,20 @@ class SplitLoss:
                 with autocast(self.device, self.dtype):
                     _, loss = model(x, y, reduction="sum")
                 if counts:
-                    scored = y >= 0  # a chat dataset's targets outside the replies are -1
+                    scored, scored_bytes = scored_targets(y, self.token_bytes)
                     total += loss.float()
-                    n_targets += scored.sum()
-                    n_bytes += (self.token_bytes[y.clamp(min=0)] * scored).sum()
+                    n_targets += scored
+                    n_bytes += scored_bytes
             nats = all_reduce(total, "sum").item()
             losses[f"{split}_loss"] = nats / max(all_reduce(n_targets, "sum").item(), 1)
             losses[f"{split}_bpb"] = bits_per_byte(nats, int(all_reduce(n_bytes, "sum").item()))
         return losses
 
     def _batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
-        env = self.env
+        shape = (self.batch_size, self.block_size, self.eval_iters, self.device, self.env.rank, self.env.world_size)
         if self.data.chat:
-            return chat_evaluation_batches(
-                self.data.conversations(split),
-                self.batch_size,
-                self.block_size,
-                self.eval_iters,
-                self.device,
-                env.rank,
-                env.world_size,
-            )
-        return evaluation_batches(
-            self.data.splits[split],
-            self.batch_size,
-            self.block_size,
-            self.eval_iters,
-            self.device,
-            env.rank,
-            env.world_size,
-        )
+            return chat_evaluation_batches(self.data.conversations(split), *shape)
+        return evaluation_batches(self.data.splits[split], *shape)
 
 
 @dataclass

@@ -56,3 +56,10 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
     """A loss summed over tokens (in nats), per UTF-8 byte of the text they stand for, in bits: it does not
     depend on how the text was cut into tokens. NaN for text of no bytes."""
     return nats / n_bytes / math.log(2) if n_bytes else math.nan
+
+
+def scored_targets(targets: torch.Tensor, token_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many targets a loss scores, and the UTF-8 bytes they stand for (`token_bytes` per id); a -1
+    target (a chat dataset's, outside the replies) counts neither."""
+    scored = targets >= 0
+    return scored.sum(), (token_bytes[targets.clamp(min=0)] * scored).sum()
